@@ -1,0 +1,87 @@
+"""Command line: ``edge-proxy serve | demo | mock-vllm`` (also ``python -m proxy``).
+
+File, environment and flags become one Config; ``serve`` then runs ``Server(config)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from proxy import __version__
+from proxy.config import ConfigError, load_config
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="TOML configuration file")
+    p.add_argument("--host", help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="listen port (default 8080)")
+    p.add_argument("--tier", action="append", default=[], metavar="NAME=URL[,URL...]",
+                   help="a model tier and its vLLM base URL(s); repeat, smallest first")
+    p.add_argument("--redis", metavar="URL", help="Redis URL for the shared L2 cache")
+    p.add_argument("--default-tier", help="tier for model 'auto'")
+    p.add_argument("--loop", choices=["uvloop", "asyncio"])
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+
+def _config_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    return load_config(
+        args.config,
+        overrides={
+            "server": {"host": args.host, "port": args.port, "loop": args.loop,
+                       "log_level": args.log_level},
+            "cache": {"redis_url": args.redis},
+            "router": {"default_tier": args.default_tier},
+        },
+        tier_flags=args.tier,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``edge-proxy`` console script."""
+    parser = argparse.ArgumentParser(prog="edge-proxy", description="OpenAI-compatible caching "
+                                     "and routing sidecar for vLLM")
+    parser.add_argument("--version", action="version", version=__version__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_serve = sub.add_parser("serve", help="run the proxy")
+    _serve_args(p_serve)
+    p_demo = sub.add_parser("demo", help="three mock tiers + the proxy + a workload, then a table")
+    p_demo.add_argument("--requests", type=int, default=300, help="requests to send")
+    p_demo.add_argument("--concurrency", type=int, default=16)
+    p_demo.add_argument("--redis", metavar="URL", help="also use a shared Redis L2")
+    p_mock = sub.add_parser("mock-vllm", help="a stand-in vLLM OpenAI server")
+    from proxy import mock_vllm
+
+    mock_vllm.add_arguments(p_mock)
+    args = parser.parse_args(argv)
+
+    if args.command == "mock-vllm":
+        mock_vllm.run(args)
+        return 0
+    if args.command == "demo":
+        from proxy.demo import run_demo
+
+        return run_demo(requests=args.requests, concurrency=args.concurrency, redis=args.redis)
+    try:
+        config = _config_from(args)
+        if not config.tiers:
+            raise ConfigError("tiers: none configured; pass --tier NAME=URL or a [tiers.NAME] "
+                              "table")
+    except ConfigError as exc:
+        print(f"edge-proxy: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.server.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from proxy.server import Server
+
+    try:
+        Server(config).run()
+    except RuntimeError as exc:
+        print(f"edge-proxy: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

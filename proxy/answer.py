@@ -1,0 +1,203 @@
+"""A complete answer as the cache keeps it, and the two ways it is served (JSON or SSE replay).
+
+The cache stores the exact JSON body a non-streaming request would get (bytes, served as they
+are) and builds the SSE replay once per entry, lazily, so a hit costs no re-encoding.
+Answers to streamed requests are assembled from the upstream's chunks by ``StreamAssembler``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Final
+
+import orjson
+
+from proxy.keys import CHAT
+
+_MAGIC: Final = b"EPA1\n"
+_DONE: Final = b"data: [DONE]\n\n"
+
+
+class CachedAnswer:
+    """One complete, successful upstream answer."""
+
+    __slots__ = ("_sse", "_sse_usage", "body", "completion_tokens", "created", "endpoint",
+                 "prompt_tokens", "tier")
+
+    def __init__(self, endpoint: str, body: bytes, tier: str, prompt_tokens: int,
+                 completion_tokens: int, created: float | None = None) -> None:
+        self.endpoint = endpoint
+        self.body = body
+        self.tier = tier
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = completion_tokens
+        self.created = time.time() if created is None else created
+        self._sse: bytes | None = None
+        self._sse_usage: bytes | None = None
+
+    @property
+    def size(self) -> int:
+        """Bytes this entry holds (body and built SSE replays), for the L1 byte bound."""
+        return 200 + len(self.body) * 3  # body + both SSE variants once built
+
+    def fits(self, max_tokens: int | None) -> bool:
+        """True if this answer is what a request with ``max_tokens`` would also get."""
+        return max_tokens is None or self.completion_tokens <= max_tokens
+
+    def sse(self, include_usage: bool) -> bytes:
+        """The whole answer as an SSE stream the openai SDK parses like a live one."""
+        if include_usage:
+            if self._sse_usage is None:
+                self._sse_usage = _build_sse(self.endpoint, orjson.loads(self.body), True)
+            return self._sse_usage
+        if self._sse is None:
+            self._sse = _build_sse(self.endpoint, orjson.loads(self.body), False)
+        return self._sse
+
+    def dumps(self) -> bytes:
+        """Serialized form for Redis: a magic line, a JSON header line, the body bytes."""
+        header = orjson.dumps({"e": self.endpoint, "t": self.tier, "p": self.prompt_tokens,
+                               "c": self.completion_tokens, "ts": self.created})
+        return b"".join((_MAGIC, header, b"\n", self.body))
+
+    @classmethod
+    def loads(cls, raw: bytes) -> CachedAnswer | None:
+        """Parse ``dumps`` output; None for anything else (an old format, a foreign key)."""
+        if not raw.startswith(_MAGIC):
+            return None
+        nl = raw.find(b"\n", len(_MAGIC))
+        if nl < 0:
+            return None
+        try:
+            h = orjson.loads(raw[len(_MAGIC):nl])
+            return cls(h["e"], raw[nl + 1:], h["t"], int(h["p"]), int(h["c"]), float(h["ts"]))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None
+
+
+def _frame(obj: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def _build_sse(endpoint: str, body: dict[str, Any], include_usage: bool) -> bytes:
+    head = {"id": body.get("id", ""), "created": body.get("created", 0),
+            "model": body.get("model", "")}
+    frames: list[bytes] = []
+    if endpoint == CHAT:
+        obj = "chat.completion.chunk"
+        for ch in body["choices"]:
+            i = ch.get("index", 0)
+            msg = ch.get("message") or {}
+
+            def chunk(delta: dict[str, Any], finish: str | None, i: int = i) -> dict[str, Any]:
+                return {**head, "object": obj, "choices": [
+                    {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+            frames.append(_frame(chunk({"role": msg.get("role", "assistant"), "content": ""},
+                                       None)))
+            if msg.get("reasoning_content"):
+                frames.append(_frame(chunk({"reasoning_content": msg["reasoning_content"]}, None)))
+            if msg.get("content"):
+                frames.append(_frame(chunk({"content": msg["content"]}, None)))
+            frames.append(_frame(chunk({}, ch.get("finish_reason", "stop"))))
+    else:
+        obj = "text_completion"
+        for ch in body["choices"]:
+            i = ch.get("index", 0)
+            frames.append(_frame({**head, "object": obj, "choices": [
+                {"index": i, "text": ch.get("text", ""), "logprobs": None,
+                 "finish_reason": None}]}))
+            frames.append(_frame({**head, "object": obj, "choices": [
+                {"index": i, "text": "", "logprobs": None,
+                 "finish_reason": ch.get("finish_reason", "stop")}]}))
+    if include_usage and body.get("usage"):
+        frames.append(_frame({**head, "object": obj, "choices": [], "usage": body["usage"]}))
+    frames.append(_DONE)
+    return b"".join(frames)
+
+
+def usage_of(body: dict[str, Any]) -> tuple[int, int]:
+    """(prompt_tokens, completion_tokens) of a response body; (0, 0) when absent."""
+    u = body.get("usage") or {}
+    return int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
+
+
+def is_complete(body: dict[str, Any]) -> bool:
+    """True when every choice finished with ``stop``: the only answers worth storing."""
+    choices = body.get("choices")
+    return bool(choices) and all(
+        isinstance(c, dict) and c.get("finish_reason") == "stop" and c.get("logprobs") is None
+        for c in choices)
+
+
+class StreamAssembler:
+    """Rebuilds the non-streaming response body from a stream of SSE chunk objects.
+
+    ``cacheable`` turns False at the first sign that the stream is not a plain, complete answer
+    (tool calls, logprobs, an error event, an unexpected shape).
+    """
+
+    __slots__ = ("cacheable", "choices", "endpoint", "head", "usage")
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.head: dict[str, Any] | None = None
+        self.choices: dict[int, dict[str, Any]] = {}
+        self.usage: dict[str, Any] | None = None
+        self.cacheable = True
+
+    def feed(self, chunk: Any) -> None:
+        """Take one decoded ``data:`` object."""
+        if not isinstance(chunk, dict) or "error" in chunk:
+            self.cacheable = False
+            return
+        if self.head is None:
+            self.head = {"id": chunk.get("id", ""), "created": chunk.get("created", 0),
+                         "model": chunk.get("model", "")}
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        for ch in chunk.get("choices") or ():
+            try:
+                i = ch.get("index", 0)
+                acc = self.choices.get(i)
+                if acc is None:
+                    acc = self.choices[i] = {"parts": [], "reasoning": [], "role": "assistant",
+                                             "finish_reason": None}
+                if ch.get("logprobs") is not None:
+                    self.cacheable = False
+                if self.endpoint == CHAT:
+                    delta = ch.get("delta") or {}
+                    if delta.get("tool_calls") or delta.get("function_call"):
+                        self.cacheable = False
+                    if delta.get("role"):
+                        acc["role"] = delta["role"]
+                    if delta.get("content"):
+                        acc["parts"].append(delta["content"])
+                    if delta.get("reasoning_content"):
+                        acc["reasoning"].append(delta["reasoning_content"])
+                else:
+                    if ch.get("text"):
+                        acc["parts"].append(ch["text"])
+                if ch.get("finish_reason"):
+                    acc["finish_reason"] = ch["finish_reason"]
+            except (AttributeError, TypeError):
+                self.cacheable = False
+
+    def body(self) -> dict[str, Any]:
+        """The assembled non-streaming response body."""
+        head = self.head or {"id": "", "created": 0, "model": ""}
+        choices = []
+        for i in sorted(self.choices):
+            acc = self.choices[i]
+            text = "".join(acc["parts"])
+            if self.endpoint == CHAT:
+                msg: dict[str, Any] = {"role": acc["role"], "content": text}
+                if acc["reasoning"]:
+                    msg["reasoning_content"] = "".join(acc["reasoning"])
+                choices.append({"index": i, "message": msg, "logprobs": None,
+                                "finish_reason": acc["finish_reason"]})
+            else:
+                choices.append({"index": i, "text": text, "logprobs": None,
+                                "finish_reason": acc["finish_reason"]})
+        obj = "chat.completion" if self.endpoint == CHAT else "text_completion"
+        return {**head, "object": obj, "choices": choices, "usage": self.usage}

@@ -1,0 +1,344 @@
+"""One frozen, validated configuration: TOML file < EDGE_PROXY_* environment < CLI flags.
+
+Every knob, its default and its unit is a field below. Sections map to TOML tables
+(``[server]``, ``[cache]``, ``[semantic]``, ``[router]``, ``[tiers.NAME]``); an environment
+variable ``EDGE_PROXY_<SECTION>__<FIELD>`` overrides one field (``EDGE_PROXY_SERVER__PORT=8080``,
+``EDGE_PROXY_CACHE__REDIS_URL=redis://...``), and ``EDGE_PROXY_TIERS="small=http://h:9001,..."``
+sets tiers. Errors name the bad field (``ConfigError("cache.l1_max_bytes: expected int ...")``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+ENV_PREFIX: Final = "EDGE_PROXY_"
+
+#: Default prices (USD per 1M input / output tokens) for the conventional tier names; a tier
+#: with another name must state its prices or be priced at 0.
+DEFAULT_PRICES: Final[dict[str, tuple[float, float]]] = {
+    "small": (0.10, 0.20),
+    "medium": (0.60, 1.20),
+    "large": (3.00, 15.00),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message names the field."""
+
+
+@dataclass(frozen=True, slots=True)
+class TierConfig:
+    """One model tier: a served model behind one or more vLLM base URLs."""
+
+    name: str
+    urls: tuple[str, ...]
+    #: Served model name; empty = taken from the first upstream's /v1/models at start.
+    model: str = ""
+    #: USD per 1M prompt tokens.
+    price_input_per_m: float = 0.0
+    #: USD per 1M completion tokens.
+    price_output_per_m: float = 0.0
+    #: Seconds to open a TCP connection to an upstream.
+    connect_timeout_s: float = 2.0
+    #: Seconds from sending the request to the response headers and first SSE event.
+    first_token_timeout_s: float = 30.0
+    #: Seconds for the whole upstream response.
+    total_timeout_s: float = 600.0
+    #: Concurrent upstream requests per tier (connection pool size).
+    max_concurrency: int = 256
+    #: Other tiers to try, in order, when this one fails before the first byte reached the client.
+    fallback: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    #: Largest accepted request body, bytes (413 above).
+    max_body_bytes: int = 4 * 1024 * 1024
+    #: Largest number of messages in a chat request.
+    max_messages: int = 1024
+    #: Largest prompt, characters (all message texts together).
+    max_prompt_chars: int = 400_000
+    #: Largest accepted max_tokens.
+    max_tokens_limit: int = 1_000_000
+    #: Seconds to drain in-flight requests on shutdown.
+    shutdown_timeout_s: float = 10.0
+    #: Event loop: "uvloop" or "asyncio".
+    loop: str = "uvloop"
+    log_level: str = "info"
+    #: Bearer token for /admin/*; empty disables the admin API.
+    admin_token: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    #: Master switch for the exact cache (L1 and L2).
+    enabled: bool = True
+    #: Byte bound of the in-process LRU (sum of stored response sizes).
+    l1_max_bytes: int = 256 * 1024 * 1024
+    #: Entry bound of the in-process LRU.
+    l1_max_entries: int = 100_000
+    #: Seconds an L1 entry lives.
+    l1_ttl_s: float = 3600.0
+    #: Redis URL for the shared L2; empty = in-process cache only.
+    redis_url: str = ""
+    #: Seconds an L2 entry lives.
+    redis_ttl_s: int = 86_400
+    #: Seconds a Redis command may take before the request goes on without it.
+    redis_timeout_s: float = 0.05
+    #: Prefix of every Redis key.
+    redis_prefix: str = "ep:v1:"
+    #: Largest answer stored, bytes.
+    max_entry_bytes: int = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SemanticConfig:
+    enabled: bool = True
+    #: Cosine similarity a candidate must reach before the verifier looks at it.
+    threshold: float = 0.85
+    #: Path of the int8 ONNX model; empty = the built-in models/minilm-l6-int8.onnx.
+    model_path: str = ""
+    #: Entries in the semantic index.
+    capacity: int = 100_000
+    ttl_s: float = 86_400.0
+    #: Snapshot file of the index; empty = no snapshot.
+    snapshot_path: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    #: Tier that serves model "auto" when the router is off.
+    default_tier: str = ""
+    #: Model names routed by the router, besides "auto".
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    semantic: SemanticConfig = field(default_factory=SemanticConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    tiers: tuple[TierConfig, ...] = ()
+
+    def tier(self, name: str) -> TierConfig:
+        """The tier called ``name``."""
+        for t in self.tiers:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    @property
+    def default_tier(self) -> str:
+        """The tier for model "auto" without a router: configured, else the first."""
+        return self.router.default_tier or (self.tiers[0].name if self.tiers else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a Config from plain data, with errors that name the field
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Convert ``value`` (from TOML or an env string) to ``tp`` or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], path)
+    if origin is tuple:
+        (item_tp, _) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return tuple(_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false",
+                                                         "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{path}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{path}: expected a string, got {value!r}")
+    raise ConfigError(f"{path}: unsupported type {tp!r}")  # pragma: no cover - schema bug
+
+
+def _build(cls: type, data: Mapping[str, Any], path: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: expected a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{path}.{unknown[0]}: unknown field (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field is missing
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _check_url(url: str, path: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{path}: expected an http(s) URL, got {url!r}")
+    return url.rstrip("/")
+
+
+def _tier(name: str, data: Mapping[str, Any]) -> TierConfig:
+    path = f"tiers.{name}"
+    data = dict(data)
+    if "url" in data:  # convenience: one URL
+        data.setdefault("urls", [data.pop("url")])
+    if not data.get("urls"):
+        raise ConfigError(f"{path}.urls: at least one vLLM base URL is required")
+    prices = DEFAULT_PRICES.get(name, (0.0, 0.0))
+    data.setdefault("price_input_per_m", prices[0])
+    data.setdefault("price_output_per_m", prices[1])
+    tier: TierConfig = _build(TierConfig, {"name": name, **data}, path)
+    urls = tuple(_check_url(u, f"{path}.urls[{i}]") for i, u in enumerate(tier.urls))
+    tier = dataclasses.replace(tier, urls=urls)
+    for fname in ("connect_timeout_s", "first_token_timeout_s", "total_timeout_s"):
+        if getattr(tier, fname) <= 0:
+            raise ConfigError(f"{path}.{fname}: must be > 0")
+    if tier.price_input_per_m < 0 or tier.price_output_per_m < 0:
+        raise ConfigError(f"{path}: prices must be >= 0")
+    if tier.max_concurrency < 1:
+        raise ConfigError(f"{path}.max_concurrency: must be >= 1")
+    return tier
+
+
+def parse_tier_flag(spec: str) -> tuple[str, dict[str, Any]]:
+    """Parse ``NAME=URL[,URL...]`` (CLI ``--tier`` / ``EDGE_PROXY_TIERS``)."""
+    name, sep, urls = spec.partition("=")
+    name = name.strip()
+    if not sep or not name or not urls.strip():
+        raise ConfigError(f"tiers: expected NAME=URL[,URL...], got {spec!r}")
+    return name, {"urls": [u.strip() for u in urls.split(",") if u.strip()]}
+
+
+def _validate(cfg: Config) -> Config:
+    names = [t.name for t in cfg.tiers]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ConfigError(f"tiers.{sorted(dup)[0]}: defined twice")
+    for t in cfg.tiers:
+        for fb in t.fallback:
+            if fb not in names:
+                raise ConfigError(f"tiers.{t.name}.fallback: unknown tier {fb!r}")
+    if cfg.router.default_tier and cfg.router.default_tier not in names:
+        raise ConfigError(f"router.default_tier: unknown tier {cfg.router.default_tier!r}")
+    s = cfg.server
+    if not 0 <= s.port <= 65535:
+        raise ConfigError(f"server.port: must be 0..65535, got {s.port}")
+    if s.loop not in ("uvloop", "asyncio"):
+        raise ConfigError(f"server.loop: expected 'uvloop' or 'asyncio', got {s.loop!r}")
+    if s.max_body_bytes < 1024:
+        raise ConfigError("server.max_body_bytes: must be >= 1024")
+    c = cfg.cache
+    if c.l1_max_bytes < 0 or c.l1_max_entries < 0:
+        raise ConfigError("cache.l1_max_bytes / cache.l1_max_entries: must be >= 0")
+    if c.redis_url and urlsplit(c.redis_url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"cache.redis_url: expected redis://, rediss:// or unix://, got "
+                          f"{c.redis_url!r}")
+    if not 0.0 < cfg.semantic.threshold <= 1.0:
+        raise ConfigError("semantic.threshold: must be in (0, 1]")
+    return cfg
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """EDGE_PROXY_SECTION__FIELD=value -> {"section": {"field": "value"}}."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX) or "__" not in key:
+            continue
+        section, _, fname = key[len(ENV_PREFIX):].lower().partition("__")
+        out.setdefault(section, {})[fname] = value
+    return out
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    tier_flags: list[str] | None = None,
+) -> Config:
+    """Build the Config: TOML file, then environment, then ``overrides`` (CLI flags).
+
+    ``overrides`` maps section -> field -> value; ``tier_flags`` are ``NAME=URL[,URL]`` strings
+    that add or replace tiers' URLs.
+    """
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+    tiers_data: dict[str, dict[str, Any]] = {
+        name: dict(t) for name, t in (data.pop("tiers", {}) or {}).items()
+    }
+    for section, values in _env_overrides(env).items():
+        if section == "tiers":
+            raise ConfigError("EDGE_PROXY_TIERS__*: set tiers with EDGE_PROXY_TIERS=NAME=URL,...")
+        data.setdefault(section, {}).update(values)
+    for section, values in (overrides or {}).items():
+        data.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+    flags = list(tier_flags or [])
+    if env.get(ENV_PREFIX + "TIERS"):
+        flags = [s for s in env[ENV_PREFIX + "TIERS"].split(";") if s.strip()] + flags
+    for spec in flags:
+        name, tdata = parse_tier_flag(spec)
+        tiers_data.setdefault(name, {}).update(tdata)
+        tiers_data[name].pop("url", None)
+
+    sections = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "tiers"}
+    unknown = sorted(set(data) - set(sections))
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown section (known: {', '.join(sorted(sections))}, "
+                          "tiers)")
+    hints = typing.get_type_hints(Config)
+    kwargs: dict[str, Any] = {s: _build(hints[s], data.get(s, {}), s) for s in sections}
+    kwargs["tiers"] = tuple(_tier(name, t) for name, t in tiers_data.items())
+    return _validate(Config(**kwargs))

@@ -1,0 +1,228 @@
+"""The exact cache: L1 in-process LRU with TTL and a byte bound, L2 in Redis shared by sidecars.
+
+L2 is best effort: a Redis that is slow or gone must never fail a request or add more than
+``redis_timeout_s`` to it. After a failure L2 is marked down and skipped (no per-request connect
+attempts) while a background task pings it with backoff; when it answers again, L2 is back.
+Writes to Redis are fire-and-forget tasks so a miss does not wait for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from proxy.answer import CachedAnswer
+from proxy.config import CacheConfig
+from proxy.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class L1Cache:
+    """LRU of key -> (answer, expiry), bounded by entry count and bytes.
+
+    Used from the event loop thread only, so it needs no lock.
+    """
+
+    __slots__ = ("_data", "bytes", "evictions", "max_bytes", "max_entries", "ttl_s")
+
+    def __init__(self, max_bytes: int, max_entries: int, ttl_s: float) -> None:
+        self._data: OrderedDict[bytes, tuple[CachedAnswer, float]] = OrderedDict()
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self.ttl_s = ttl_s
+        self.bytes = 0
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, key: bytes, now: float) -> CachedAnswer | None:
+        """The live entry under ``key``, refreshed as most recently used."""
+        item = self._data.get(key)
+        if item is None:
+            return None
+        if item[1] <= now:
+            self.delete(key)
+            return None
+        self._data.move_to_end(key)
+        return item[0]
+
+    def set(self, key: bytes, answer: CachedAnswer, now: float, ttl_s: float | None = None) -> None:
+        """Store ``answer``; evicts least recently used entries past either bound."""
+        size = answer.size
+        if size > self.max_bytes or self.max_entries == 0:
+            return
+        self.delete(key)
+        self._data[key] = (answer, now + (self.ttl_s if ttl_s is None else ttl_s))
+        self.bytes += size
+        while self.bytes > self.max_bytes or len(self._data) > self.max_entries:
+            _, (old, _) = self._data.popitem(last=False)
+            self.bytes -= old.size
+            self.evictions += 1
+
+    def delete(self, key: bytes) -> bool:
+        """Remove ``key``; True if it was there."""
+        item = self._data.pop(key, None)
+        if item is None:
+            return False
+        self.bytes -= item[0].size
+        return True
+
+    def clear(self) -> None:
+        self._data.clear()
+        self.bytes = 0
+
+
+class RedisL2:
+    """The shared L2 exact cache in Redis (redis.asyncio with hiredis)."""
+
+    def __init__(self, cfg: CacheConfig, metrics: Metrics) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self.prefix = cfg.redis_prefix.encode() + b"x:"
+        # No retries: a failed GET falls through to the upstream, which is the retry.
+        self.client = aioredis.Redis.from_url(
+            cfg.redis_url, socket_timeout=cfg.redis_timeout_s,
+            socket_connect_timeout=max(cfg.redis_timeout_s, 0.5), retry=Retry(NoBackoff(), 0),
+            health_check_interval=0)
+        self.up = False
+        self._probe: asyncio.Task[None] | None = None
+        self._writes: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    async def start(self) -> None:
+        """Connect; a Redis that is down at start is not fatal (probed in the background)."""
+        try:
+            await self.client.ping()
+            self._set_up(True)
+        except (RedisError, OSError) as exc:
+            log.warning("redis %s unreachable at start (%s); serving without L2",
+                        self.cfg.redis_url, exc)
+            self._mark_down("ping")
+
+    def _set_up(self, up: bool) -> None:
+        if up != self.up:
+            log.info("redis %s is %s", self.cfg.redis_url, "up" if up else "down")
+        self.up = up
+        self.metrics.redis_up.set(1 if up else 0)
+
+    def _mark_down(self, op: str) -> None:
+        self.metrics.redis_errors.labels(op).inc()
+        self._set_up(False)
+        if (self._probe is None or self._probe.done()) and not self._closed:
+            self._probe = asyncio.create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        delay = 0.1
+        while not self._closed:
+            await asyncio.sleep(delay)
+            try:
+                await self.client.ping()
+            except (RedisError, OSError):
+                delay = min(delay * 2, 2.0)
+                continue
+            self._set_up(True)
+            return
+
+    async def get(self, key: bytes) -> CachedAnswer | None:
+        """The answer under ``key``, or None (absent, unreadable, or Redis down)."""
+        if not self.up:
+            return None
+        try:
+            raw = await self.client.get(self.prefix + key)
+        except (RedisError, OSError, asyncio.TimeoutError):
+            self._mark_down("get")
+            return None
+        return CachedAnswer.loads(raw) if raw else None
+
+    def put(self, key: bytes, answer: CachedAnswer) -> None:
+        """Store in the background; the caller does not wait."""
+        if not self.up:
+            return
+        task = asyncio.create_task(self._put(key, answer.dumps()))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _put(self, key: bytes, raw: bytes) -> None:
+        try:
+            await self.client.set(self.prefix + key, raw, ex=self.cfg.redis_ttl_s)
+            self.metrics.cache_stores.labels("l2").inc()
+        except (RedisError, OSError, asyncio.TimeoutError):
+            self._mark_down("set")
+
+    async def delete(self, key: bytes) -> None:
+        if self.up:
+            try:
+                await self.client.delete(self.prefix + key)
+            except (RedisError, OSError, asyncio.TimeoutError):
+                self._mark_down("delete")
+
+    async def close(self) -> None:
+        """Finish pending writes (briefly), stop probing, close connections."""
+        self._closed = True
+        if self._writes:
+            await asyncio.wait(list(self._writes), timeout=1.0)
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
+        await self.client.aclose()
+
+
+class ExactCache:
+    """L1 then L2; a hit in L2 fills L1."""
+
+    def __init__(self, cfg: CacheConfig, metrics: Metrics) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self.l1 = L1Cache(cfg.l1_max_bytes, cfg.l1_max_entries, cfg.l1_ttl_s)
+        self.l2: RedisL2 | None = RedisL2(cfg, metrics) if cfg.redis_url else None
+
+    async def start(self) -> None:
+        if self.l2 is not None:
+            await self.l2.start()
+
+    async def close(self) -> None:
+        if self.l2 is not None:
+            await self.l2.close()
+
+    def get_l1(self, key: bytes) -> CachedAnswer | None:
+        """L1 only: no await on the fastest path."""
+        return self.l1.get(key, time.monotonic())
+
+    async def get_l2(self, key: bytes) -> CachedAnswer | None:
+        """L2, filling L1 on a hit."""
+        if self.l2 is None:
+            return None
+        answer = await self.l2.get(key)
+        if answer is not None:
+            self.l1.set(key, answer, time.monotonic())
+        return answer
+
+    def put(self, key: bytes, answer: CachedAnswer) -> None:
+        """Store a complete answer in L1 and (in the background) L2."""
+        if len(answer.body) > self.cfg.max_entry_bytes:
+            self.metrics.cache_skips.labels("too_large").inc()
+            return
+        self.l1.set(key, answer, time.monotonic())
+        self.metrics.cache_stores.labels("l1").inc()
+        if self.l2 is not None:
+            self.l2.put(key, answer)
+
+    async def delete(self, key: bytes) -> None:
+        self.l1.delete(key)
+        if self.l2 is not None:
+            await self.l2.delete(key)
+
+    def update_gauges(self) -> None:
+        self.metrics.cache_entries.labels("l1").set(len(self.l1))
+        self.metrics.cache_bytes.labels("l1").set(self.l1.bytes)

@@ -1,0 +1,282 @@
+"""One upstream call and everyone waiting for it: fallback across tiers, the streaming tee, and
+single-flight of identical requests.
+
+A ``Flight`` runs in its own task, so it does not die with the client that started it. It tries
+the tiers of its chain in order until one answers: a tier may be abandoned only before anything
+was published, so fallback never happens after the first byte reached a client. Streamed
+events are appended to ``events`` as they arrive and every subscriber (the client that started
+the flight and any identical request that joined it) writes them to its own connection, starting
+from the first event. When the last subscriber leaves before the end, the task is cancelled and
+the upstream connection closed, which is what makes vLLM abort the generation.
+
+On a complete, successful answer (HTTP 200, every choice finished with ``stop``, the stream
+reached ``[DONE]``) ``on_complete`` receives the ``CachedAnswer``; on anything else nothing is
+stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import aiohttp
+import orjson
+
+from proxy.answer import CachedAnswer, StreamAssembler, is_complete, usage_of
+from proxy.errors import ProxyError, upstream_timeout, upstream_unavailable
+from proxy.metrics import Metrics
+from proxy.upstream import OpenResponse, TierClient, UpstreamFailure
+
+log = logging.getLogger(__name__)
+
+PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+
+
+class Flight:
+    """An upstream request shared by its subscribers."""
+
+    __slots__ = ("_changed", "_task", "body", "chain", "content_type", "done", "endpoint",
+                 "error", "events", "key", "metrics", "namespace", "on_complete", "on_finish",
+                 "payload",
+                 "started", "status", "stream", "subscribers", "tier", "usage_frame")
+
+    def __init__(self, key: Any, namespace: str, endpoint: str, payload: dict[str, Any],
+                 stream: bool,
+                 chain: Sequence[TierClient], metrics: Metrics,
+                 on_complete: Callable[[CachedAnswer, TierClient], None],
+                 on_finish: Callable[[Flight], None]) -> None:
+        self.key = key
+        self.namespace = namespace
+        self.endpoint = endpoint
+        self.payload = payload
+        self.stream = stream
+        self.chain = chain
+        self.metrics = metrics
+        self.on_complete = on_complete
+        self.on_finish = on_finish
+        self.events: list[bytes] = []       # SSE frames, as received (stream)
+        self.usage_frame: bytes | None = None
+        self.body: bytes | None = None      # JSON body (non-stream)
+        self.content_type = "application/json"
+        self.status = 200
+        self.tier: TierClient | None = None  # the tier that answered
+        self.started = False                # first event / body available
+        self.done = False
+        self.error: ProxyError | None = None
+        self.subscribers = 0
+        self._changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    # -- subscriber side ------------------------------------------------------------------
+    async def wait(self) -> None:
+        """Until something new is published."""
+        await asyncio.shield(self._changed)
+
+    def subscribe(self) -> None:
+        self.subscribers += 1
+
+    def unsubscribe(self) -> None:
+        """A subscriber is gone; the last one to leave an unfinished flight cancels it."""
+        self.subscribers -= 1
+        if self.subscribers <= 0 and not self.done and self._task is not None:
+            self._task.cancel()
+
+    # -- publisher side -------------------------------------------------------------------
+    def _notify(self) -> None:
+        fut, self._changed = self._changed, asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+
+    def _fail(self, err: ProxyError) -> None:
+        self.error = err
+        self.done = True
+        self._notify()
+
+    async def _run(self) -> None:
+        try:
+            await self._attempts()
+        except asyncio.CancelledError:
+            self.error = self.error or ProxyError(499, "client closed request",
+                                                  err_type="cancelled", code="cancelled")
+            self.done = True
+            self._notify()
+            raise
+        except Exception as exc:  # a bug must not leave subscribers hanging
+            log.exception("flight failed")
+            self._fail(ProxyError(500, f"internal error: {type(exc).__name__}",
+                                  err_type="server_error", code="internal_error"))
+        finally:
+            self.on_finish(self)
+
+    async def _attempts(self) -> None:
+        last: UpstreamFailure | None = None
+        for tier in self.chain:
+            t0 = time.perf_counter()
+            try:
+                opened, first = await self._open(tier)
+            except UpstreamFailure as fail:
+                self.metrics.upstream_errors.labels(tier.name, fail.kind).inc()
+                log.warning("tier %s failed before first byte: %s", tier.name, fail)
+                last = fail
+                continue
+            except ProxyError as err:  # a 4xx: the client's error, no fallback
+                self._fail(err)
+                return
+            self.metrics.upstream_ttft.labels(tier.name).observe(time.perf_counter() - t0)
+            self.tier = tier
+            try:
+                if self.stream:
+                    await self._tee(opened, first)
+                else:
+                    self._finish_json(first)
+                    opened.close(reuse=True)
+            finally:
+                opened.close()
+            self.metrics.upstream_duration.labels(tier.name).observe(time.perf_counter() - t0)
+            return
+        assert last is not None
+        self._fail(last.error)
+
+    async def _open(self, tier: TierClient) -> tuple[OpenResponse, Any]:
+        """Open on ``tier`` and read up to the first event (stream) or the body (JSON), within
+        the first-token timeout: until then, failing over to another tier is still possible."""
+        opened: OpenResponse | None = None
+        try:
+            async with asyncio.timeout(tier.cfg.first_token_timeout_s):
+                opened = await tier.open(PATHS[self.endpoint], self.payload, self.stream)
+                if self.stream:
+                    first = await _next_event(opened.resp)
+                    if first is None:
+                        raise UpstreamFailure(upstream_unavailable(
+                            f"tier {tier.name}: stream ended before the first event"), "cut")
+                else:
+                    first = await opened.resp.read()
+            return opened, first
+        except TimeoutError:
+            if opened is not None:
+                opened.close()
+            raise UpstreamFailure(upstream_timeout(
+                f"tier {tier.name}: no first token within {tier.cfg.first_token_timeout_s} s"),
+                "timeout") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            if opened is not None:
+                opened.close()
+            raise UpstreamFailure(upstream_unavailable(
+                f"tier {tier.name}: upstream failed ({type(exc).__name__})"), "connect") from None
+        except BaseException:
+            if opened is not None:
+                opened.close()
+            raise
+
+    def _finish_json(self, raw: bytes) -> None:
+        assert self.tier is not None
+        self.body = raw
+        self.started = True
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            self.body = None
+            self._fail(upstream_unavailable(f"tier {self.tier.name}: invalid JSON from upstream"))
+            return
+        if isinstance(obj, dict):
+            pt, ct = usage_of(obj)
+            self._complete(obj, raw, pt, ct)
+        self.done = True
+        self._notify()
+
+    def _complete(self, obj: dict[str, Any], raw: bytes | None, pt: int, ct: int) -> None:
+        assert self.tier is not None
+        self.metrics.spend(self.tier.cfg, self.namespace, pt, ct)
+        if is_complete(obj):
+            body = raw if raw is not None else orjson.dumps(obj)
+            self.on_complete(CachedAnswer(self.endpoint, body, self.tier.name, pt, ct), self.tier)
+        else:
+            self.metrics.cache_skips.labels("incomplete").inc()
+
+    async def _tee(self, opened: OpenResponse, first: bytes) -> None:
+        assert self.tier is not None
+        asm = StreamAssembler(self.endpoint)
+        event: bytes | None = first
+        finished = False
+        try:
+            while event is not None:
+                if event == b"[DONE]":
+                    finished = True
+                    break
+                try:
+                    obj = orjson.loads(event)
+                except orjson.JSONDecodeError:
+                    self._fail(upstream_unavailable(
+                        f"tier {self.tier.name}: malformed SSE event from upstream"))
+                    return
+                asm.feed(obj)
+                if isinstance(obj, dict) and "error" in obj:
+                    self._fail(upstream_unavailable(
+                        f"tier {self.tier.name}: upstream error mid-stream: "
+                        f"{str(obj.get('error'))[:200]}"))
+                    return
+                frame = b"data: " + event + b"\n\n"
+                if isinstance(obj, dict) and not obj.get("choices") and obj.get("usage"):
+                    self.usage_frame = frame  # forwarded only to those who asked for usage
+                else:
+                    self.events.append(frame)
+                self.started = True
+                self._notify()
+                event = await _next_event(opened.resp)
+        except asyncio.TimeoutError:
+            self._fail(upstream_timeout(f"tier {self.tier.name}: stream stalled"))
+            return
+        except (aiohttp.ClientError, OSError):
+            self._fail(upstream_unavailable(
+                f"tier {self.tier.name}: upstream connection lost mid-stream"))
+            return
+        if not finished:
+            self._fail(upstream_unavailable(
+                f"tier {self.tier.name}: upstream stream ended before [DONE]"))
+            return
+        opened.close(reuse=True)
+        pt, ct = (int(asm.usage.get("prompt_tokens") or 0),
+                  int(asm.usage.get("completion_tokens") or 0)) if asm.usage else (0, 0)
+        if asm.cacheable:
+            self._complete(asm.body(), None, pt, ct)
+        else:
+            self.metrics.spend(self.tier.cfg, self.namespace, pt, ct)
+            self.metrics.cache_skips.labels("not_cacheable").inc()
+        self.done = True
+        self._notify()
+
+
+async def _next_event(resp: aiohttp.ClientResponse) -> bytes | None:
+    """The payload of the next SSE ``data:`` event; None at the end of the body."""
+    content = resp.content
+    while True:
+        line = await content.readline()
+        if not line:
+            return None
+        if line.startswith(b"data:"):
+            data = line[5:].strip()
+            if data:
+                return data
+        # blank separators, comments (":") and other fields are skipped
+
+
+async def drain(flight: Flight) -> None:
+    """Wait for a flight to end (JSON subscribers)."""
+    while not flight.done:
+        await flight.wait()
+
+
+async def cancel_all(flights: dict[Any, Flight]) -> None:
+    """Cancel every flight (shutdown)."""
+    tasks = [f._task for f in flights.values() if f._task is not None]
+    for t in tasks:
+        t.cancel()
+    for t in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await t

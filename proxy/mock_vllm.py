@@ -1,0 +1,291 @@
+"""A stand-in for vLLM's OpenAI server (vLLM needs a GPU): same JSON and SSE shapes, usage,
+/v1/models, /health, vLLM-style error bodies, latency per token, deterministic replies, a request
+counter (GET /stats) and fault injection (POST /faults) for tests, demos and benchmarks.
+
+Replies are deterministic: the same request gets the same text, derived from a hash of its
+messages/prompt and the model name. A reply has ``reply_tokens`` tokens (default 24; the mock's
+tokens are words), ends with finish_reason ``stop``, or ``length`` when max_tokens cuts it.
+
+Faults (POST /faults with a JSON object; each applies to the next ``count`` requests, -1 = all,
+until reset with ``{}``):
+  status:      answer with this HTTP status and a vLLM error body
+  delay_ms:    sleep before the response headers
+  cut_after:   streamed: close the connection after N content chunks (no [DONE])
+  malformed:   streamed: send a non-JSON ``data:`` line after the first chunk
+  tpot_ms:     time per output token for the faulty requests
+  content_type: serve JSON with this content-type instead
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import time
+import uuid
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+_WORDS = ("the", "answer", "is", "clear", "model", "token", "cache", "vector", "tier", "proxy",
+          "stream", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "edge", "fast",
+          "light", "cost", "query", "reply", "data", "value", "result", "simple", "more", "less")
+
+
+def _err(status: int, message: str, etype: str = "BadRequestError") -> web.Response:
+    # vLLM's ErrorResponse shape
+    return web.json_response({"object": "error", "message": message, "type": etype, "param": None,
+                              "code": status}, status=status, dumps=lambda o: orjson.dumps(o)
+                             .decode())
+
+
+def _count_tokens(obj: Any) -> int:
+    if isinstance(obj, str):
+        return max(1, len(obj.split()))
+    if isinstance(obj, list):
+        return sum(_count_tokens(m.get("content", "") if isinstance(m, dict) else m) for m in obj)
+    return 1
+
+
+class MockVLLM:
+    """State and handlers of one mock tier."""
+
+    def __init__(self, model: str = "mock-model", *, ttft_ms: float = 20.0, tpot_ms: float = 2.0,
+                 reply_tokens: int = 24, chunk_tokens: int = 1) -> None:
+        self.model = model
+        self.ttft_ms = ttft_ms
+        self.tpot_ms = tpot_ms
+        self.reply_tokens = reply_tokens
+        self.chunk_tokens = chunk_tokens
+        self.requests = 0
+        self.by_endpoint: dict[str, int] = {}
+        self.in_flight = 0
+        self.cancelled = 0
+        self.completed = 0
+        self.faults: dict[str, Any] = {}
+        self.fault_left = 0
+        self.last_body: dict[str, Any] | None = None
+
+    # -- app --------------------------------------------------------------------------------
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/stats", self.stats)
+        app.router.add_post("/stats/reset", self.reset)
+        app.router.add_post("/faults", self.set_faults)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/completions", self.completions)
+        return app
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{
+            "id": self.model, "object": "model", "created": 0, "owned_by": "vllm",
+            "root": self.model, "parent": None, "max_model_len": 8192}]})
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def stats(self, request: web.Request) -> web.Response:
+        return web.json_response({"requests": self.requests, "by_endpoint": self.by_endpoint,
+                                  "in_flight": self.in_flight, "cancelled": self.cancelled,
+                                  "completed": self.completed, "model": self.model})
+
+    async def reset(self, request: web.Request) -> web.Response:
+        self.requests = self.cancelled = self.completed = 0
+        self.by_endpoint = {}
+        self.faults, self.fault_left = {}, 0
+        return web.json_response({"ok": True})
+
+    async def set_faults(self, request: web.Request) -> web.Response:
+        faults = await request.json()
+        self.faults = dict(faults)
+        self.fault_left = int(self.faults.pop("count", -1)) if faults else 0
+        return web.json_response({"faults": self.faults, "count": self.fault_left})
+
+    def _take_fault(self) -> dict[str, Any]:
+        if not self.faults or self.fault_left == 0:
+            return {}
+        if self.fault_left > 0:
+            self.fault_left -= 1
+        return self.faults
+
+    # -- generation -------------------------------------------------------------------------
+    def reply_words(self, seed_obj: Any) -> list[str]:
+        """Deterministic reply for a request: same messages -> same words."""
+        seed = hashlib.blake2b(orjson.dumps([self.model, seed_obj],
+                                            option=orjson.OPT_SORT_KEYS)).digest()
+        words = [f"[{self.model}]"]
+        for i in range(self.reply_tokens - 1):
+            words.append(_WORDS[(seed[i % len(seed)] + i * 7) % len(_WORDS)])
+        return words
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, "chat")
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, "completions")
+
+    async def _handle(self, request: web.Request, endpoint: str) -> web.StreamResponse:
+        self.requests += 1
+        self.by_endpoint[endpoint] = self.by_endpoint.get(endpoint, 0) + 1
+        self.in_flight += 1
+        try:
+            return await self._respond(request, endpoint)
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.cancelled += 1
+            raise
+        finally:
+            self.in_flight -= 1
+
+    async def _respond(self, request: web.Request, endpoint: str) -> web.StreamResponse:
+        fault = self._take_fault()
+        if fault.get("delay_ms"):
+            await asyncio.sleep(fault["delay_ms"] / 1000)
+        if fault.get("status"):
+            return _err(int(fault["status"]), f"injected fault {fault['status']}",
+                        "InternalServerError" if fault["status"] >= 500 else "BadRequestError")
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            return _err(400, "Invalid JSON body")
+        if not isinstance(body, dict):
+            return _err(400, "Body must be a JSON object")
+        self.last_body = body
+        if body.get("model") != self.model:
+            return _err(404, f"The model `{body.get('model')}` does not exist.", "NotFoundError")
+        if endpoint == "chat":
+            if not isinstance(body.get("messages"), list) or not body["messages"]:
+                return _err(400, "messages: field required")
+            seed_obj: Any = body["messages"]
+        else:
+            if "prompt" not in body:
+                return _err(400, "prompt: field required")
+            seed_obj = body["prompt"]
+        words = self.reply_words([seed_obj, body.get("temperature"), body.get("seed")])
+        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
+        finish = "stop"
+        if isinstance(max_tokens, int) and max_tokens < len(words):
+            words, finish = words[:max_tokens], "length"
+        prompt_tokens = _count_tokens(seed_obj)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
+                 "total_tokens": prompt_tokens + len(words)}
+        rid = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex
+        created = int(time.time())
+        tpot = float(fault.get("tpot_ms", self.tpot_ms)) / 1000
+        await asyncio.sleep(self.ttft_ms / 1000)
+        if not body.get("stream"):
+            await asyncio.sleep(tpot * len(words))
+            text = " ".join(words)
+            if endpoint == "chat":
+                choice = {"index": 0, "message": {"role": "assistant", "content": text,
+                                                  "tool_calls": []},
+                          "logprobs": None, "finish_reason": finish, "stop_reason": None}
+                obj = "chat.completion"
+            else:
+                choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish,
+                          "stop_reason": None}
+                obj = "text_completion"
+            self.completed += 1
+            return web.Response(body=orjson.dumps({
+                "id": rid, "object": obj, "created": created, "model": self.model,
+                "choices": [choice], "usage": usage}),
+                content_type=fault.get("content_type", "application/json"))
+        return await self._stream(request, endpoint, body, words, finish, usage, rid, created,
+                                  tpot, fault)
+
+    async def _stream(self, request: web.Request, endpoint: str, body: dict[str, Any],
+                      words: list[str], finish: str, usage: dict[str, int], rid: str,
+                      created: int, tpot: float, fault: dict[str, Any]) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        head = {"id": rid, "created": created, "model": self.model}
+        obj = "chat.completion.chunk" if endpoint == "chat" else "text_completion"
+
+        def frame(choice: dict[str, Any] | None, extra: dict[str, Any] | None = None) -> bytes:
+            o = {**head, "object": obj, "choices": [choice] if choice else []}
+            if extra:
+                o.update(extra)
+            return b"data: " + orjson.dumps(o) + b"\n\n"
+
+        if endpoint == "chat":
+            await resp.write(frame({"index": 0, "delta": {"role": "assistant", "content": ""},
+                                    "logprobs": None, "finish_reason": None}))
+        cut_after = fault.get("cut_after")
+        step = max(1, self.chunk_tokens)
+        for n, i in enumerate(range(0, len(words), step)):
+            if cut_after is not None and n >= int(cut_after):
+                # drop the connection mid-stream, as a crashed upstream would
+                if request.transport is not None:
+                    request.transport.close()
+                return resp
+            if n == 1 and fault.get("malformed"):
+                await resp.write(b"data: {not json\n\n")
+            if tpot:
+                await asyncio.sleep(tpot * step)
+            piece = (" " if i else "") + " ".join(words[i:i + step])
+            last = i + step >= len(words)
+            if endpoint == "chat":
+                choice = {"index": 0, "delta": {"content": piece}, "logprobs": None,
+                          "finish_reason": finish if last else None}
+            else:
+                choice = {"index": 0, "text": piece, "logprobs": None,
+                          "finish_reason": finish if last else None}
+            if last:
+                choice["stop_reason"] = None
+            await resp.write(frame(choice))
+        opts = body.get("stream_options") or {}
+        if opts.get("include_usage"):
+            await resp.write(frame(None, {"usage": usage}))
+        await resp.write(b"data: [DONE]\n\n")
+        self.completed += 1
+        await resp.write_eof()
+        return resp
+
+
+async def start_mock(model: str, host: str = "127.0.0.1", port: int = 0, **kwargs: Any
+                     ) -> tuple[MockVLLM, web.AppRunner, int]:
+    """Start a mock on the running loop; returns (mock, runner, bound port)."""
+    mock = MockVLLM(model, **kwargs)
+    runner = web.AppRunner(mock.app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return mock, runner, bound
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``edge-proxy mock-vllm``."""
+    p = argparse.ArgumentParser(prog="edge-proxy mock-vllm", description=__doc__.split("\n")[0])
+    add_arguments(p)
+    run(p.parse_args(argv))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9001)
+    p.add_argument("--model", default="mock-model", help="served model name")
+    p.add_argument("--ttft-ms", type=float, default=20.0, help="time to first token, ms")
+    p.add_argument("--tpot-ms", type=float, default=2.0, help="time per output token, ms")
+    p.add_argument("--reply-tokens", type=int, default=24, help="tokens per reply")
+    p.add_argument("--chunk-tokens", type=int, default=1, help="tokens per SSE chunk")
+
+
+def run(args: argparse.Namespace) -> None:
+    """Serve one mock tier until interrupted."""
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:  # pragma: no cover
+        pass
+    mock = MockVLLM(args.model, ttft_ms=args.ttft_ms, tpot_ms=args.tpot_ms,
+                    reply_tokens=args.reply_tokens, chunk_tokens=args.chunk_tokens)
+    print(f"mock vLLM serving {args.model!r} on http://{args.host}:{args.port}", flush=True)
+    web.run_app(mock.app(), host=args.host, port=args.port, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""The aiohttp application and its lifecycle: startup (Redis, tiers), serving, graceful shutdown.
+
+``Server(config).run()`` is all the CLI does; tests use ``build_app`` on their own loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from aiohttp import web
+
+from proxy.config import Config
+from proxy.errors import ProxyError
+from proxy.handlers import Proxy
+from proxy.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+PROXY_KEY = web.AppKey("proxy", Proxy)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler):  # type: ignore[no-untyped-def]
+    """aiohttp's own HTTP errors (404 route, 405 method, 413) as OpenAI-style JSON."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
+            exc.status, "http_error")
+        return ProxyError(exc.status, exc.reason or "error", code=code).response()
+
+
+def build_app(config: Config, metrics: Metrics | None = None) -> web.Application:
+    """The application; its startup connects Redis and discovers the tiers' models."""
+    proxy = Proxy(config, metrics or Metrics())
+    # client_max_size a little above the limit so the handler, not aiohttp, answers with our 413
+    app = web.Application(client_max_size=config.server.max_body_bytes + 1,
+                          middlewares=[_errors], handler_args={"max_field_size": 16384})
+    app[PROXY_KEY] = proxy
+    app.router.add_post("/v1/chat/completions", proxy.chat)
+    app.router.add_post("/v1/completions", proxy.completions)
+    app.router.add_get("/v1/models", proxy.models)
+    app.router.add_get("/healthz", proxy.healthz)
+    app.router.add_get("/readyz", proxy.readyz)
+    app.router.add_get("/metrics", proxy.metrics_endpoint)
+
+    async def startup(app: web.Application) -> None:
+        await proxy.start()
+
+    async def cleanup(app: web.Application) -> None:
+        await proxy.close()
+
+    app.on_startup.append(startup)
+    app.on_cleanup.append(cleanup)
+    return app
+
+
+class Server:
+    """Runs the proxy until SIGTERM/SIGINT, then drains and closes."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    async def serve(self, ready: asyncio.Event | None = None) -> None:
+        cfg = self.config.server
+        app = build_app(self.config)
+        # handler_cancellation: a client that disconnects cancels its handler, and so its
+        # share of the upstream request
+        runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
+                               shutdown_timeout=cfg.shutdown_timeout_s)
+        await runner.setup()
+        site = web.TCPSite(runner, cfg.host, cfg.port, backlog=1024, reuse_address=True)
+        await site.start()
+        proxy = app[PROXY_KEY]
+        log.info("edge-proxy listening on http://%s:%d (tiers: %s; redis: %s)", cfg.host,
+                 cfg.port, ", ".join(f"{n}={t.model}" for n, t in proxy.tiers.items()),
+                 self.config.cache.redis_url or "off")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        if ready is not None:
+            ready.set()
+        try:
+            await stop.wait()
+        finally:
+            log.info("shutting down")
+            await runner.cleanup()
+
+    def run(self) -> None:
+        """Block until stopped, on uvloop unless configured otherwise."""
+        if self.config.server.loop == "uvloop":
+            import uvloop
+
+            uvloop.run(self.serve())
+        else:
+            asyncio.run(self.serve())
