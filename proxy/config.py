@@ -55,6 +55,14 @@ class TierConfig:
     total_timeout_s: float = 600.0
     #: Concurrent upstream requests per tier (connection pool size).
     max_concurrency: int = 256
+    #: Requests waiting for a slot beyond max_concurrency; more get 429 with Retry-After.
+    max_queue: int = 1024
+    #: Seconds a request may wait in that queue before 429.
+    queue_timeout_s: float = 10.0
+    #: Consecutive failures that open an endpoint's circuit breaker.
+    breaker_failures: int = 5
+    #: Seconds an open breaker waits before letting one probe request through.
+    breaker_cooldown_s: float = 10.0
     #: Other tiers to try, in order, when this one fails before the first byte reached the client.
     fallback: tuple[str, ...] = ()
 
@@ -242,6 +250,10 @@ def _tier(name: str, data: Mapping[str, Any]) -> TierConfig:
         raise ConfigError(f"{path}: prices must be >= 0")
     if tier.max_concurrency < 1:
         raise ConfigError(f"{path}.max_concurrency: must be >= 1")
+    if tier.max_queue < 0:
+        raise ConfigError(f"{path}.max_queue: must be >= 0")
+    if tier.breaker_failures < 1:
+        raise ConfigError(f"{path}.breaker_failures: must be >= 1")
     return tier
 
 

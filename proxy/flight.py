@@ -135,7 +135,7 @@ class Flight:
                     await self._tee(opened, first)
                 else:
                     self._finish_json(first)
-                    opened.close(reuse=True)
+                    opened.close(reuse=True, ok=self.error is None)
             finally:
                 opened.close()
             self.metrics.upstream_duration.labels(tier.name).observe(time.perf_counter() - t0)
@@ -158,15 +158,19 @@ class Flight:
                 else:
                     first = await opened.resp.read()
             return opened, first
+        except UpstreamFailure:
+            if opened is not None:
+                opened.close(ok=False)
+            raise
         except TimeoutError:
             if opened is not None:
-                opened.close()
+                opened.close(ok=False)
             raise UpstreamFailure(upstream_timeout(
                 f"tier {tier.name}: no first token within {tier.cfg.first_token_timeout_s} s"),
                 "timeout") from None
         except (aiohttp.ClientError, OSError) as exc:
             if opened is not None:
-                opened.close()
+                opened.close(ok=False)
             raise UpstreamFailure(upstream_unavailable(
                 f"tier {tier.name}: upstream failed ({type(exc).__name__})"), "connect") from None
         except BaseException:
@@ -212,6 +216,7 @@ class Flight:
                 try:
                     obj = orjson.loads(event)
                 except orjson.JSONDecodeError:
+                    opened.close(ok=False)
                     self._fail(upstream_unavailable(
                         f"tier {self.tier.name}: malformed SSE event from upstream"))
                     return
@@ -230,17 +235,20 @@ class Flight:
                 self._notify()
                 event = await _next_event(opened.resp)
         except asyncio.TimeoutError:
+            opened.close(ok=False)
             self._fail(upstream_timeout(f"tier {self.tier.name}: stream stalled"))
             return
         except (aiohttp.ClientError, OSError):
+            opened.close(ok=False)
             self._fail(upstream_unavailable(
                 f"tier {self.tier.name}: upstream connection lost mid-stream"))
             return
         if not finished:
+            opened.close(ok=False)
             self._fail(upstream_unavailable(
                 f"tier {self.tier.name}: upstream stream ended before [DONE]"))
             return
-        opened.close(reuse=True)
+        opened.close(reuse=True, ok=True)
         pt, ct = (int(asm.usage.get("prompt_tokens") or 0),
                   int(asm.usage.get("completion_tokens") or 0)) if asm.usage else (0, 0)
         if asm.cacheable:

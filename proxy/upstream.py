@@ -7,9 +7,12 @@ Fallback across tiers and the streaming tee live in ``flight.py``; this module k
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
-from typing import Any
+import time
+from collections import deque
+from collections.abc import Callable, Collection
+from typing import Any, Final
 
 import aiohttp
 import orjson
@@ -31,14 +34,52 @@ class UpstreamFailure(Exception):
 
 
 class Endpoint:
-    """One vLLM base URL of a tier."""
+    """One vLLM base URL of a tier, with its circuit breaker.
 
-    __slots__ = ("failures", "in_flight", "url")
+    closed: requests flow; ``breaker_failures`` consecutive failures open it. open: no requests
+    for ``breaker_cooldown_s``; then half-open: one probe request is let through, its success
+    closes the breaker, its failure opens it again for another cool-down.
+    """
 
-    def __init__(self, url: str) -> None:
+    __slots__ = ("cooldown_s", "failures", "in_flight", "max_failures", "opened_at", "probing",
+                 "state", "url")
+
+    CLOSED: Final = "closed"
+    OPEN: Final = "open"
+    HALF_OPEN: Final = "half_open"
+
+    def __init__(self, url: str, max_failures: int = 5, cooldown_s: float = 10.0) -> None:
         self.url = url
         self.in_flight = 0
         self.failures = 0
+        self.max_failures = max_failures
+        self.cooldown_s = cooldown_s
+        self.state = self.CLOSED
+        self.opened_at = 0.0
+        self.probing = False
+
+    def available(self, now: float) -> bool:
+        """May a request go to this endpoint now? (Moves open -> half-open after cool-down.)"""
+        if self.state == self.CLOSED:
+            return True
+        if self.state == self.OPEN and now - self.opened_at >= self.cooldown_s:
+            self.state = self.HALF_OPEN
+            self.probing = False
+        return self.state == self.HALF_OPEN and not self.probing
+
+    def on_success(self) -> None:
+        self.failures = 0
+        self.state = self.CLOSED
+        self.probing = False
+
+    def on_failure(self, now: float) -> None:
+        self.failures += 1
+        self.probing = False
+        if self.state == self.HALF_OPEN or self.failures >= self.max_failures:
+            if self.state != self.OPEN:
+                log.warning("breaker open for %s after %d failures", self.url, self.failures)
+            self.state = self.OPEN
+            self.opened_at = now
 
 
 def error_from_upstream(status: int, raw: bytes) -> ProxyError:
@@ -68,7 +109,10 @@ class TierClient:
         self.name = cfg.name
         self.model = cfg.model
         self.metrics = metrics
-        self.endpoints = [Endpoint(u) for u in cfg.urls]
+        self.endpoints = [Endpoint(u, cfg.breaker_failures, cfg.breaker_cooldown_s)
+                          for u in cfg.urls]
+        self.active = 0  # requests holding a concurrency slot
+        self._waiters: deque[asyncio.Future[None]] = deque()
         self.session: aiohttp.ClientSession | None = None
         self._inflight_gauge = metrics.upstream_inflight.labels(cfg.name)
 
@@ -107,23 +151,94 @@ class TierClient:
         if self.session is not None:
             await self.session.close()
 
-    def pick(self) -> Endpoint:
-        """The endpoint with the fewest requests in flight (ties: fewest recent failures)."""
-        eps = self.endpoints
-        if len(eps) == 1:
-            return eps[0]
-        return min(eps, key=lambda e: (e.in_flight, e.failures))
+    def pick(self, exclude: Collection[Endpoint] = ()) -> Endpoint | None:
+        """The available endpoint with the fewest requests in flight; None if all breakers
+        are open."""
+        now = time.monotonic()
+        best: Endpoint | None = None
+        for ep in self.endpoints:
+            if ep in exclude or not ep.available(now):
+                continue
+            if best is None or ep.in_flight < best.in_flight:
+                best = ep
+        return best
+
+    @property
+    def breaker_open(self) -> bool:
+        """True when no endpoint of this tier accepts requests now."""
+        return self.pick() is None
+
+    async def _admit(self) -> None:
+        """Take a concurrency slot, waiting in a bounded queue; 429 when the queue is full."""
+        if self.active < self.cfg.max_concurrency and not self._waiters:
+            self.active += 1
+            return
+        if len(self._waiters) >= self.cfg.max_queue:
+            raise UpstreamFailure(ProxyError(
+                429, f"tier {self.name} is at capacity ({self.cfg.max_concurrency} in flight, "
+                f"{self.cfg.max_queue} queued); retry later", err_type="rate_limit_error",
+                code="tier_overloaded", headers={"Retry-After": "1"}), "overloaded")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            async with asyncio.timeout(self.cfg.queue_timeout_s):
+                await fut
+        except TimeoutError:
+            raise UpstreamFailure(ProxyError(
+                429, f"tier {self.name}: waited {self.cfg.queue_timeout_s} s for a slot; retry "
+                "later", err_type="rate_limit_error", code="tier_overloaded",
+                headers={"Retry-After": "1"}), "overloaded") from None
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self._leave()  # the slot was handed to us: pass it on
+            raise
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(fut)
+
+    def _leave(self) -> None:
+        """Give a slot back, directly to the first waiter if any."""
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)  # the slot moves to this waiter; active is unchanged
+                return
+        self.active -= 1
 
     async def open(self, path: str, payload: dict[str, Any], stream: bool) -> OpenResponse:
         """Send one request; return the response once its headers arrived with status 200.
 
-        Raises UpstreamFailure (connection refused, timeout, 5xx, a stream without SSE) when
-        another tier may be tried, ProxyError for a 4xx the client must see.
+        A refused connection is retried on the tier's next endpoint (safe: nothing was sent).
+        Raises UpstreamFailure (refused, timeout, 5xx, breaker open, overloaded, a stream
+        without SSE) when another tier may be tried, ProxyError for a 4xx the client must see.
         """
         assert self.session is not None
-        ep = self.pick()
+        await self._admit()
         data = orjson.dumps({**payload, "model": self.model})
+        tried: list[Endpoint] = []
+        while True:
+            ep = self.pick(tried)
+            if ep is None:
+                self._leave()
+                if tried:
+                    raise UpstreamFailure(upstream_unavailable(
+                        f"tier {self.name}: every upstream refused the connection"), "connect")
+                raise UpstreamFailure(upstream_unavailable(
+                    f"tier {self.name}: circuit breaker open for every upstream"), "breaker_open")
+            tried.append(ep)
+            try:
+                return await self._send(ep, path, data, stream)
+            except _Refused:
+                continue
+            except BaseException:
+                self._leave()
+                raise
+
+    async def _send(self, ep: Endpoint, path: str, data: bytes, stream: bool) -> OpenResponse:
+        assert self.session is not None
         ep.in_flight += 1
+        if ep.state == Endpoint.HALF_OPEN:
+            ep.probing = True
         self._inflight_gauge.inc()
         released = False
 
@@ -134,19 +249,23 @@ class TierClient:
                 ep.in_flight -= 1
                 self._inflight_gauge.dec()
 
+        def fail(err: ProxyError, kind: str) -> UpstreamFailure:
+            release()
+            ep.on_failure(time.monotonic())
+            return UpstreamFailure(err, kind)
+
         try:
             resp = await self.session.post(ep.url + path, data=data,
                                            headers={"Content-Type": "application/json"})
         except asyncio.TimeoutError:
-            release()
-            ep.failures += 1
-            raise UpstreamFailure(upstream_timeout(
-                f"tier {self.name}: no response from {ep.url} in time"), "timeout") from None
+            raise fail(upstream_timeout(f"tier {self.name}: no response from {ep.url} in time"),
+                       "timeout") from None
+        except aiohttp.ClientConnectorError:
+            fail(upstream_unavailable(""), "connect")
+            raise _Refused() from None
         except (aiohttp.ClientError, OSError) as exc:
-            release()
-            ep.failures += 1
-            raise UpstreamFailure(upstream_unavailable(
-                f"tier {self.name}: upstream {ep.url} unreachable ({type(exc).__name__})"),
+            raise fail(upstream_unavailable(
+                f"tier {self.name}: upstream {ep.url} failed ({type(exc).__name__})"),
                 "connect") from None
         except BaseException:
             release()
@@ -158,41 +277,53 @@ class TierClient:
                 raw = b""
             finally:
                 resp.release()
-                release()
             err = error_from_upstream(resp.status, raw)
             if resp.status >= 500 or resp.status == 429:
-                ep.failures += 1
-                raise UpstreamFailure(err, f"http_{resp.status}")
+                raise fail(err, f"http_{resp.status}")
+            release()
+            ep.on_success()  # a 4xx is the request's fault, not the endpoint's
             raise err
         ctype = resp.headers.get("Content-Type", "")
         expected = "text/event-stream" if stream else "application/json"
         if not ctype.startswith(expected):
             resp.close()
-            release()
-            ep.failures += 1
-            raise UpstreamFailure(upstream_unavailable(
+            raise fail(upstream_unavailable(
                 f"tier {self.name}: upstream sent content-type {ctype!r}, expected {expected}"),
                 "content_type")
-        ep.failures = 0
-        return OpenResponse(resp, ep, release)
+        return OpenResponse(resp, ep, release, self._leave)
+
+
+class _Refused(Exception):
+    """Connection refused: nothing was sent, another endpoint may be tried."""
 
 
 class OpenResponse:
-    """A 200 response being read; ``close`` frees its connection and in-flight slot."""
+    """A 200 response being read; ``close`` frees its connection and its slots."""
 
-    __slots__ = ("_release", "endpoint", "resp")
+    __slots__ = ("_closed", "_leave", "_release", "endpoint", "resp")
 
     def __init__(self, resp: aiohttp.ClientResponse, endpoint: Endpoint,
-                 release: Callable[[], None]) -> None:
+                 release: Callable[[], None], leave: Callable[[], None]) -> None:
         self.resp = resp
         self.endpoint = endpoint
         self._release = release
+        self._leave = leave
+        self._closed = False
 
-    def close(self, reuse: bool = False) -> None:
+    def close(self, reuse: bool = False, ok: bool | None = None) -> None:
         """Give the connection back to the pool (``reuse``, after a complete read) or drop it
-        (a cancelled or broken stream: closing it is what cancels the request in vLLM)."""
+        (a cancelled or broken stream: closing it is what cancels the request in vLLM).
+        ``ok`` tells the endpoint's breaker how the response ended."""
+        if self._closed:
+            return
+        self._closed = True
         if reuse:
             self.resp.release()
         else:
             self.resp.close()
+        if ok is True:
+            self.endpoint.on_success()
+        elif ok is False:
+            self.endpoint.on_failure(time.monotonic())
         self._release()
+        self._leave()
