@@ -1,0 +1,157 @@
+"""Tests of proxy.embedder with the real int8 model and tokenizer (models/build_model.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from proxy.embedder import DEFAULT_MODEL_PATH, MODEL_SHA256, Embedder, ModelChecksumError
+
+pytestmark = pytest.mark.skipif(
+    not DEFAULT_MODEL_PATH.exists(), reason="run `python models/build_model.py` first"
+)
+
+PARAPHRASES = [
+    ("How do I reset my password?", "I forgot my password, how can I change it?"),
+    ("What is the capital of France?", "Which city is the capital of France?"),
+    ("My card has not arrived yet", "I am still waiting for my card to be delivered"),
+    ("How do I cook rice?", "What is the best way to make rice?"),
+]
+
+
+@pytest.fixture(scope="module")
+def sync_embedder() -> Embedder:
+    e = Embedder()
+    e.load()
+    return e
+
+
+def test_pin_matches_build_script() -> None:
+    pin = (DEFAULT_MODEL_PATH.parent / "MODEL.sha256").read_text().split()[0]
+    assert pin == MODEL_SHA256
+
+
+def test_normalised_and_shape(sync_embedder: Embedder) -> None:
+    v = sync_embedder.embed_batch(["hello world", "a" * 2000, ""])
+    assert v.shape == (3, 384) and v.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    assert sync_embedder.embed_batch([]).shape == (0, 384)
+
+
+def test_paraphrases_beat_unrelated(sync_embedder: Embedder) -> None:
+    a = sync_embedder.embed_batch([p[0] for p in PARAPHRASES])
+    b = sync_embedder.embed_batch([p[1] for p in PARAPHRASES])
+    sims = a @ b.T
+    for i in range(len(PARAPHRASES)):
+        others = np.delete(sims[i], i)
+        assert sims[i, i] > 0.6
+        assert sims[i, i] > others.max() + 0.2, (i, sims[i])
+
+
+def test_batch_equals_single(sync_embedder: Embedder) -> None:
+    texts = [p for pair in PARAPHRASES for p in pair] + ["short", "a much longer text " * 20]
+    batch = sync_embedder.embed_batch(texts)
+    single = np.vstack([sync_embedder.embed_batch([t]) for t in texts])
+    np.testing.assert_allclose(batch, single, atol=1e-5)
+
+
+def test_padded_batches_close_to_single() -> None:
+    # Documented trade-off: one padded run shares the int8 activation scale across texts.
+    e = Embedder(padded_batches=True)
+    e.load()
+    texts = [p for pair in PARAPHRASES for p in pair]
+    batch = e.embed_batch(texts)
+    single = np.vstack([e.embed_batch([t]) for t in texts])
+    assert (batch * single).sum(1).min() > 0.95
+
+
+def test_sha256_mismatch(tmp_path: Path) -> None:
+    bad = tmp_path / "model.onnx"
+    shutil.copyfile(DEFAULT_MODEL_PATH, bad)
+    with bad.open("r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    e = Embedder(bad, DEFAULT_MODEL_PATH.with_name("tokenizer.json"))
+    with pytest.raises(ModelChecksumError, match=re.escape(str(bad))):
+        e.load()
+    assert not e.ready
+
+
+def test_env_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("EDGE_PROXY_MODEL", str(tmp_path / "m.onnx"))
+    e = Embedder()
+    assert e.model_path == tmp_path / "m.onnx"
+    assert e.tokenizer_path == tmp_path / "tokenizer.json"
+
+
+async def test_concurrent_embeds_get_their_own_vectors(sync_embedder: Embedder) -> None:
+    texts = [f"question number {i} about topic {i * 7 % 13}" for i in range(60)]
+    want = sync_embedder.embed_batch(texts)
+    e = Embedder(max_batch=16)
+    await e.start()
+    try:
+        got = await asyncio.gather(*(e.embed(t) for t in texts))
+    finally:
+        await e.close()
+    np.testing.assert_allclose(np.vstack(got), want, atol=1e-5)
+    assert e.stats.texts == 60
+    assert e.stats.batches < 60  # requests were actually micro-batched
+    assert max(e.stats.batch_sizes) <= 16
+
+
+async def test_cache_hit_and_coalescing() -> None:
+    e = Embedder(cache_size=2)
+    await e.start()
+    try:
+        a1, _a2 = await asyncio.gather(e.embed("same text"), e.embed("same text"))
+        assert e.stats.coalesced == 1 and e.stats.texts == 1
+        a3 = await e.embed("same text")
+        assert e.stats.cache_hits == 1 and e.stats.texts == 1
+        assert a3 is a1 and not a3.flags.writeable
+        await e.embed("b")
+        await e.embed("c")  # evicts "same text" (LRU of 2)
+        await e.embed("same text")
+        assert e.stats.texts == 4
+    finally:
+        await e.close()
+
+
+async def test_loop_stays_responsive() -> None:
+    e = Embedder(max_batch=64)
+    await e.start()
+    ticks: list[float] = []
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        while not stop.is_set():
+            ticks.append(time.perf_counter())
+            await asyncio.sleep(0.002)
+
+    task = asyncio.create_task(ticker())
+    try:
+        t0 = time.perf_counter()
+        texts = [f"a long sentence to embed, number {i}, " * 12 for i in range(64)]
+        await asyncio.gather(*(e.embed(t) for t in texts))
+        elapsed = time.perf_counter() - t0
+    finally:
+        stop.set()
+        await task
+        await e.close()
+    gaps = np.diff(ticks)
+    assert elapsed > 0.05, "batch too small to test anything"
+    # The loop kept ticking while the worker ran; a blocked loop would show one gap ~ elapsed.
+    assert len(ticks) > 5
+    assert gaps.max() < max(0.05, elapsed / 3), (gaps.max(), elapsed)
+
+
+async def test_embed_before_start_fails() -> None:
+    with pytest.raises(RuntimeError, match="start"):
+        await Embedder().embed("x")
