@@ -1,0 +1,369 @@
+"""SemanticIndex with real usearch and random unit vectors."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tracemalloc
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from proxy.semantic import SemanticEntry, SemanticIndex, SnapshotError
+
+DIM = 32  # small vectors keep the tests fast; the index does not depend on the dimension
+T0 = 1_000_000.0
+
+
+def scope_of(name: str) -> bytes:
+    return hashlib.blake2b(name.encode(), digest_size=16).digest()
+
+
+def unit(rng: np.random.Generator, n: int, d: int = DIM) -> np.ndarray:
+    v = rng.standard_normal((n, d)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def near(rng: np.random.Generator, v: np.ndarray, noise: float = 0.05) -> np.ndarray:
+    w = v + noise * rng.standard_normal(v.shape).astype(np.float32) / np.sqrt(v.shape[-1])
+    return w / np.linalg.norm(w)
+
+
+def entry(
+    key: str, scope: str = "A", ns: str = "tenant", *, created: float = T0, ttl: float = 3600.0
+) -> SemanticEntry:
+    return SemanticEntry(
+        key=key.encode(),
+        scope=scope_of(scope),
+        namespace=ns,
+        query_text=f"query {key}",
+        tier="small",
+        max_tokens=None,
+        created=created,
+        expires=created + ttl,
+    )
+
+
+def keys(results) -> list[bytes]:
+    return [e.key for _, e in results]
+
+
+def test_add_search_basic():
+    rng = np.random.default_rng(0)
+    idx = SemanticIndex(DIM)
+    vecs = unit(rng, 10)
+    for i, v in enumerate(vecs):
+        idx.add(v, entry(f"k{i}"))
+    assert len(idx) == 10
+    res = idx.search(near(rng, vecs[3]), scope_of("A"), k=3, now=T0)
+    assert keys(res)[0] == b"k3"
+    assert len(res) == 3
+    assert res[0][0] > 0.95 and res[0][0] >= res[1][0] >= res[2][0]
+    assert idx.search(vecs[3], scope_of("nope"), now=T0) == []
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n_a=st.integers(0, 300),
+    n_b=st.integers(1, 300),
+    seed=st.integers(0, 2**32 - 1),
+    bfm=st.sampled_from([4, 64, 256]),
+)
+def test_scope_isolation_property(n_a, n_b, seed, bfm):
+    """An identical vector stored in scope B is never returned for scope A (both modes)."""
+    rng = np.random.default_rng(seed)
+    idx = SemanticIndex(DIM, brute_force_max=bfm)
+    va, vb = unit(rng, n_a), unit(rng, n_b)
+    for i, v in enumerate(va):
+        idx.add(v, entry(f"a{i}", "A"))
+    for i, v in enumerate(vb):
+        idx.add(v, entry(f"b{i}", "B"))
+    for q in vb[:5]:
+        res = idx.search(q, scope_of("A"), k=8, now=T0)
+        assert all(e.scope == scope_of("A") for _, e in res)
+        assert all(e.key.startswith(b"a") for _, e in res)
+        assert len(res) == min(8, n_a)
+        top = idx.search(q, scope_of("B"), k=1, now=T0)
+        assert top[0][1].key.startswith(b"b") and top[0][0] > 0.999
+
+
+def test_ttl_expiry():
+    rng = np.random.default_rng(1)
+    idx = SemanticIndex(DIM, ttl_s=100)
+    v = unit(rng, 3)
+    idx.add(v[0], entry("old", created=T0, ttl=50))
+    idx.add(v[1], entry("capped", created=T0, ttl=10_000))  # capped at ttl_s = 100
+    idx.add(v[2], entry("young", created=T0 + 80, ttl=50))
+    assert idx.search(v[0], scope_of("A"), k=1, now=T0 + 49)[0][1].key == b"old"
+    assert set(keys(idx.search(v[0], scope_of("A"), k=3, now=T0 + 50))) == {b"capped", b"young"}
+    assert idx.expire(now=T0 + 99) == 0  # "old" was already dropped by the search above
+    assert len(idx) == 2
+    assert idx.expire(now=T0 + 100) == 1  # "capped"
+    assert keys(idx.search(v[2], scope_of("A"), k=3, now=T0 + 100)) == [b"young"]
+    assert idx.expire(now=T0 + 1000) == 1
+    assert len(idx) == 0 and idx.stats()["scopes"] == 0
+
+
+def test_expire_without_search_and_replace_keeps_new_expiry():
+    rng = np.random.default_rng(2)
+    idx = SemanticIndex(DIM)
+    v = unit(rng, 4)
+    idx.add(v[0], entry("a", ttl=10))
+    idx.add(v[1], entry("b", ttl=20))
+    idx.add(v[2], entry("a", ttl=30))  # replaced: the old expiry must not remove it
+    assert idx.expire(now=T0 + 15) == 0
+    assert idx.expire(now=T0 + 20) == 1
+    assert len(idx) == 1
+    assert idx.expire(now=T0 + 30) == 1
+
+
+def test_capacity_evicts_oldest_first():
+    rng = np.random.default_rng(3)
+    idx = SemanticIndex(DIM, capacity=5)
+    v = unit(rng, 8)
+    for i in range(5):
+        idx.add(v[i], entry(f"k{i}", scope="AB"[i % 2]))
+    idx.add(v[0], entry("k0", scope="A"))  # replace: k0 becomes the newest
+    idx.add(v[5], entry("k5"))
+    assert idx.evictions == 1 and len(idx) == 5
+    assert not idx.remove(b"k1")  # k1 was the oldest
+    idx.add(v[6], entry("k6"))
+    assert not idx.remove(b"k2")
+    assert idx.remove(b"k0") and len(idx) == 4
+
+
+def test_replace_same_key():
+    rng = np.random.default_rng(4)
+    idx = SemanticIndex(DIM)
+    v = unit(rng, 2)
+    idx.add(v[0], entry("k", scope="A"))
+    idx.add(v[1], entry("k", scope="B"))  # moves to another scope and vector
+    assert len(idx) == 1
+    assert idx.search(v[0], scope_of("A"), now=T0) == []
+    res = idx.search(v[1], scope_of("B"), now=T0)
+    assert keys(res) == [b"k"] and res[0][0] == pytest.approx(1.0, abs=2e-3)
+
+
+@pytest.mark.parametrize("dtype", ["f16", "f32"])
+def test_brute_force_and_ann_agree_on_top1(dtype):
+    """Grow a scope past brute_force_max; the ANN path finds the same top-1 as brute force."""
+    rng = np.random.default_rng(5)
+    n, bfm = 600, 100
+    vecs = unit(rng, n)
+    brute = SemanticIndex(DIM, brute_force_max=n + 1, dtype=dtype)
+    ann = SemanticIndex(DIM, brute_force_max=bfm, dtype=dtype)
+    for i, v in enumerate(vecs):
+        brute.add(v, entry(f"k{i}"))
+        ann.add(v, entry(f"k{i}"))
+    assert ann.stats()["ann_scopes"] == 1 and brute.stats()["ann_scopes"] == 0
+    agree = 0
+    for i in range(0, n, 3):
+        q = near(rng, vecs[i], 0.5)
+        b, a = (
+            brute.search(q, scope_of("A"), k=1, now=T0),
+            ann.search(q, scope_of("A"), k=1, now=T0),
+        )
+        assert b[0][1].key == f"k{i}".encode()
+        agree += a[0][1].key == b[0][1].key
+        if a[0][1].key == b[0][1].key:  # same kernel on the same stored vector: same score
+            assert a[0][0] == pytest.approx(b[0][0], abs=1e-6)
+    assert agree == len(range(0, n, 3))
+    assert ann.ann_searches == len(range(0, n, 3))
+
+
+def test_ann_scope_shrinks_back_to_block():
+    rng = np.random.default_rng(6)
+    idx = SemanticIndex(DIM, brute_force_max=20)
+    vecs = unit(rng, 30)
+    for i, v in enumerate(vecs):
+        idx.add(v, entry(f"k{i}"))
+    assert idx.stats()["ann_scopes"] == 1
+    for i in range(21):
+        assert idx.remove(f"k{i}".encode())
+    assert idx.stats()["ann_scopes"] == 0 and len(idx) == 9
+    for i in range(21, 30):
+        assert keys(idx.search(vecs[i], scope_of("A"), k=1, now=T0)) == [f"k{i}".encode()]
+
+
+def test_remove_keeps_block_consistent():
+    rng = np.random.default_rng(7)
+    idx = SemanticIndex(DIM)
+    vecs = unit(rng, 50)
+    for i, v in enumerate(vecs):
+        idx.add(v, entry(f"k{i}"))
+    removed = set(rng.choice(50, 30, replace=False).tolist())
+    for i in removed:
+        assert idx.remove(f"k{i}".encode())
+    assert not idx.remove(b"k-missing")
+    for i in range(50):
+        res = idx.search(vecs[i], scope_of("A"), k=1, now=T0)
+        if i not in removed:
+            assert keys(res) == [f"k{i}".encode()]
+        else:
+            assert keys(res) != [f"k{i}".encode()]
+
+
+def test_purge_namespace():
+    rng = np.random.default_rng(8)
+    idx = SemanticIndex(DIM, brute_force_max=10)
+    v = unit(rng, 40)
+    for i in range(20):
+        idx.add(v[i], entry(f"x{i}", scope="X1" if i % 2 else "X2", ns="t1"))
+    for i in range(20, 40):
+        idx.add(v[i], entry(f"y{i}", scope="Y", ns="t2"))
+    assert idx.purge_namespace("t1") == 20
+    assert idx.purge_namespace("t1") == 0
+    assert len(idx) == 20 and idx.stats()["scopes"] == 1
+    assert idx.search(v[1], scope_of("X1"), now=T0) == []
+    with pytest.raises(ValueError, match="namespace"):
+        idx.add(v[0], entry("z", scope="Y", ns="t1"))
+    assert keys(idx.search(v[30], scope_of("Y"), k=1, now=T0)) == [b"y30"]
+    assert idx.expire(now=T0 + 10**6) == 20  # stale heap items of the purged entries are skipped
+
+
+@pytest.mark.parametrize("bfm", [8, 1000])
+def test_snapshot_round_trip(tmp_path, bfm):
+    rng = np.random.default_rng(9)
+    idx = SemanticIndex(DIM, brute_force_max=bfm)
+    vecs = unit(rng, 60)
+    for i, v in enumerate(vecs):
+        e = entry(f"k{i}", scope="AB"[i % 2] + str(i < 30), ns="n1" if i < 30 else "n2")
+        e.max_tokens = i if i % 3 else None
+        idx.add(v, e)
+    path = tmp_path / "index.snap"
+    idx.snapshot(path)
+    assert not [p for p in os.listdir(tmp_path) if p != "index.snap"]  # no temporary left
+    back = SemanticIndex.load(path, brute_force_max=bfm, now=T0)
+    assert len(back) == 60 and back.dim == DIM and back.dtype == "f16"
+    for i in range(0, 60, 7):
+        s = scope_of("AB"[i % 2] + str(i < 30))
+        r1, r2 = idx.search(vecs[i], s, k=3, now=T0), back.search(vecs[i], s, k=3, now=T0)
+        assert keys(r1) == keys(r2)
+        assert [x for x, _ in r1] == pytest.approx([x for x, _ in r2], abs=1e-6)
+        assert r2[0][1] == r1[0][1]
+    assert back.purge_namespace("n2") == 30
+    # FIFO order survives: the oldest is evicted first
+    small = SemanticIndex.load(path, capacity=60, now=T0)
+    small.add(vecs[0], entry("new", scope="new"))
+    assert not small.remove(b"k0") and small.remove(b"k1")
+
+
+def test_snapshot_skips_expired_and_respects_capacity(tmp_path):
+    rng = np.random.default_rng(10)
+    idx = SemanticIndex(DIM)
+    v = unit(rng, 10)
+    import time
+
+    now = time.time()
+    for i in range(10):
+        idx.add(v[i], entry(f"k{i}", created=now, ttl=-1 if i < 2 else 3600))
+    idx.snapshot(tmp_path / "s")
+    back = SemanticIndex.load(tmp_path / "s", capacity=5)
+    assert len(back) == 5
+    assert back.remove(b"k9") and not back.remove(b"k4")
+
+
+def test_snapshot_errors(tmp_path):
+    rng = np.random.default_rng(11)
+    idx = SemanticIndex(DIM)
+    for i, v in enumerate(unit(rng, 20)):
+        idx.add(v, entry(f"k{i}"))
+    good = tmp_path / "good"
+    idx.snapshot(good)
+    data = good.read_bytes()
+    cases = {
+        "missing": None,
+        "empty": b"",
+        "magic": b"XXXXXXXX" + data[8:],
+        "truncated": data[:-10],
+        "flipped": data[:-100] + bytes([data[-100] ^ 0xFF]) + data[-99:],
+        "header": data[:12] + b"[" + data[13:],
+        "header_type": data[:12] + b"[1," + data[15:],
+    }
+    for name, blob in cases.items():
+        p = tmp_path / name
+        if blob is not None:
+            p.write_bytes(blob)
+        with pytest.raises(SnapshotError):
+            SemanticIndex.load(p, now=T0)
+            pytest.fail(f"case {name} loaded")
+    with pytest.raises(SnapshotError, match="dim"):
+        SemanticIndex.load(good, dim=DIM + 1, now=T0)
+    assert len(SemanticIndex.load(good, dtype="f32", now=T0)) == 20  # dtype converts
+
+
+def test_empty_snapshot(tmp_path):
+    SemanticIndex(DIM).snapshot(tmp_path / "e")
+    assert len(SemanticIndex.load(tmp_path / "e")) == 0
+
+
+def test_input_validation():
+    idx = SemanticIndex(DIM)
+    with pytest.raises(ValueError):
+        idx.add(np.ones(DIM + 1, np.float32), entry("a"))
+    with pytest.raises(ValueError):
+        idx.add(np.zeros(DIM, np.float32), entry("a"))
+    with pytest.raises(ValueError):
+        idx.add(np.full(DIM, np.nan, np.float32), entry("a"))
+    bad = entry("a")
+    bad.scope = b"short"
+    with pytest.raises(ValueError):
+        idx.add(np.ones(DIM, np.float32), bad)
+    with pytest.raises(ValueError):
+        SemanticIndex(DIM, dtype="i8")
+    idx.add(np.ones(DIM, np.float32) * 3, entry("a"))  # normalised on the way in
+    assert idx.search(np.ones(DIM), scope_of("A"), now=T0)[0][0] == pytest.approx(1.0, abs=2e-3)
+
+
+def test_stats_and_memory():
+    rng = np.random.default_rng(12)
+    idx = SemanticIndex(DIM, brute_force_max=16)
+    for i, v in enumerate(unit(rng, 40)):
+        idx.add(v, entry(f"k{i}", scope="AB"[i % 3 == 0]))
+    idx.search(unit(rng, 1)[0], scope_of("A"), now=T0)
+    st_ = idx.stats()
+    assert st_["entries"] == 40 and st_["scopes"] == 2 and st_["searches"] == 1
+    assert st_["ann_scopes"] == 1 and st_["promotions"] == 1
+    assert idx.memory_bytes() > 40 * DIM * 2
+
+
+def test_memory_estimate():
+    """memory_bytes() is within 25 % of what tracemalloc sees for entries + vectors."""
+    rng = np.random.default_rng(13)
+    n = 5000
+    vecs = unit(rng, n)
+    idx = SemanticIndex(DIM, brute_force_max=10**9)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for i, v in enumerate(vecs):  # the entry objects are created here, as the caller would
+        idx.add(v, entry(f"{i:032d}", scope=str(i % 50)))
+    used = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    est = idx.memory_bytes()
+    print(f"measured {used / n:.0f} B/entry, estimated {est / n:.0f} B/entry")
+    assert 0.75 * used <= est <= 1.25 * used
+
+
+def test_add_many_matches_add():
+    rng = np.random.default_rng(14)
+    vecs = unit(rng, 400)
+    one, many = SemanticIndex(DIM, brute_force_max=50), SemanticIndex(DIM, brute_force_max=50)
+    ents = [entry(f"k{i}", scope=str(i % 3)) for i in range(400)]
+    for v, e in zip(vecs, ents, strict=True):
+        one.add(v, e)
+    many.add_many(vecs[:10], [entry(f"k{i}", scope=str(i % 3)) for i in range(10)])
+    many.add_many(vecs, [entry(f"k{i}", scope=str(i % 3)) for i in range(400)])  # replaces
+    assert len(one) == len(many) == 400
+    assert many.stats()["ann_scopes"] == 3
+    for i in range(0, 400, 17):
+        s = scope_of(str(i % 3))
+        assert keys(one.search(vecs[i], s, k=1, now=T0)) == keys(
+            many.search(vecs[i], s, k=1, now=T0)
+        )
+    small = SemanticIndex(DIM, capacity=100)
+    small.add(vecs[0], entry("first"))
+    small.add_many(vecs[:150], [entry(f"k{i}") for i in range(150)])
+    assert len(small) == 100 and not small.remove(b"first") and small.remove(b"k50")
+    assert not small.remove(b"k49")
