@@ -1,0 +1,808 @@
+"""Verifier for semantic cache hits: is it safe to serve the candidate's answer to the query?
+
+Sentence embeddings are nearly blind to the details that change an answer: "What is 2+3?" and
+"What is 2+4?" score about 0.82 with all-MiniLM-L6-v2, the same as a true paraphrase. Mean pooling
+is also close to order-invariant ("Python faster than Java" ~ "Java faster than Python"). So after
+the nearest candidate clears the similarity threshold, the verifier compares what must match:
+
+* numbers and quantities (digits, number words, ordinals, units, arithmetic operators);
+* negation (one side negated, the other not);
+* named entities, quoted strings, code identifiers (camelCase, snake_case, dotted names, files,
+  URLs), and a small gazetteer of lower-case names (countries, cities, languages, months, days);
+* opposite words ("turn on" / "turn off", "buy" / "sell", "best" / "worst", ...);
+* order across a directional word ("convert a list to a dict" vs "a dict to a list").
+
+Optionally a logistic regression over pair features (JSON weights written by
+models/train_verifier.py) turns the remaining pairs into a probability. Inference is pure Python
+plus a dot product; everything about a text is extracted once and memoised (candidates repeat).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Final
+
+__all__ = ["TextFeatures", "Verdict", "Verifier", "extract", "pair_features"]
+
+
+@dataclass(slots=True, frozen=True)
+class Verdict:
+    """Outcome of one check: ok, why not, and the confidence used for the decision."""
+
+    ok: bool
+    reason: str  # "" when ok; else e.g. "numbers differ: {3} vs {4}", "negation"
+    score: float  # similarity, or the learned probability when weights are loaded
+
+
+# --------------------------------------------------------------------------- lexicons
+
+
+def _words(text: str) -> list[str]:
+    """Whitespace-separated words: keeps the long word lists below readable."""
+    return text.split()
+
+
+# Words that never count as names even when capitalised (sentence starts after ":" or in
+# title-cased questions, pronouns, question words).
+_FUNCTION_WORDS: Final = frozenset(
+    _words(
+        "a an the and or but if then so of in on at to for from by with about as into onto over "
+        "under is are was were be been being am do does did done doing have has had having can "
+        "could will would shall should may might must i me my mine we us our you your yours he him "
+        "his she her it its they them their this that these those what which who whom whose when "
+        "where why how there here not no yes all any some each every both either neither other "
+        "another such very just also only than too more most less least much many few one ones way "
+        "ways best good better get got make made use using need want know think like please hi "
+        "hello hey thanks thank ok okay help tell show give let new old first last next vs versus "
+        "etc"
+    )
+)
+
+_NEGATIONS: Final = frozenset(
+    _words(
+        "not no never none nobody nothing nowhere neither nor cannot without unable dont doesnt "
+        "didnt cant wont isnt arent wasnt werent havent hasnt hadnt shouldnt wouldnt couldnt "
+        "mustnt aint"
+    )
+)
+
+_NEG_IDIOMS: Final = (" or not ", " why not ", " not only ", " if not ")
+
+_UNITS: Final = {
+    # canonical unit for tokens that can follow a number
+    **dict.fromkeys(["km", "kms", "kilometer", "kilometers", "kilometre", "kilometres"], "km"),
+    **dict.fromkeys(["m", "meter", "meters", "metre", "metres"], "m"),
+    **dict.fromkeys(["cm", "centimeter", "centimeters", "centimetre", "centimetres"], "cm"),
+    **dict.fromkeys(["mm", "millimeter", "millimeters"], "mm"),
+    **dict.fromkeys(["mi", "mile", "miles"], "mi"),
+    **dict.fromkeys(["ft", "foot", "feet"], "ft"),
+    **dict.fromkeys(["in", "inch", "inches"], "in"),
+    **dict.fromkeys(["kg", "kgs", "kilo", "kilos", "kilogram", "kilograms"], "kg"),
+    **dict.fromkeys(["g", "gram", "grams"], "g"),
+    **dict.fromkeys(["lb", "lbs", "pound", "pounds"], "lb"),
+    **dict.fromkeys(["oz", "ounce", "ounces"], "oz"),
+    **dict.fromkeys(["l", "liter", "liters", "litre", "litres"], "l"),
+    **dict.fromkeys(["ml", "milliliter", "milliliters"], "ml"),
+    **dict.fromkeys(["gal", "gallon", "gallons"], "gal"),
+    **dict.fromkeys(["s", "sec", "secs", "second", "seconds"], "s"),
+    **dict.fromkeys(["min", "mins", "minute", "minutes"], "min"),
+    **dict.fromkeys(["h", "hr", "hrs", "hour", "hours"], "h"),
+    **dict.fromkeys(["day", "days"], "day"),
+    **dict.fromkeys(["week", "weeks", "wk", "wks"], "week"),
+    **dict.fromkeys(["month", "months", "mo"], "month"),
+    **dict.fromkeys(["year", "years", "yr", "yrs"], "year"),
+    **dict.fromkeys(["%", "percent", "pct"], "%"),
+    **dict.fromkeys(["$", "usd", "dollar", "dollars", "bucks"], "usd"),
+    **dict.fromkeys(["\u20ac", "eur", "euro", "euros"], "eur"),
+    **dict.fromkeys(["\u00a3", "gbp"], "gbp"),
+    **dict.fromkeys(["inr", "rs", "rupee", "rupees"], "inr"),
+    **dict.fromkeys(["kb", "kilobyte", "kilobytes"], "kb"),
+    **dict.fromkeys(["mb", "megabyte", "megabytes"], "mb"),
+    **dict.fromkeys(["gb", "gigabyte", "gigabytes", "gig", "gigs"], "gb"),
+    **dict.fromkeys(["tb", "terabyte", "terabytes"], "tb"),
+    **dict.fromkeys(["c", "celsius"], "c"),
+    **dict.fromkeys(["f", "fahrenheit"], "f"),
+    **dict.fromkeys(["k"], "k"),
+}
+
+_NUM_WORDS: Final = {
+    **{
+        w: i
+        for i, w in enumerate(
+            _words(
+                "zero one two three four five six seven eight nine ten eleven twelve thirteen "
+                "fourteen fifteen sixteen seventeen eighteen nineteen"
+            )
+        )
+    },
+    **{
+        w: 10 * i
+        for i, w in enumerate(_words("twenty thirty forty fifty sixty seventy eighty ninety"), 2)
+    },
+    "dozen": 12,
+}
+_MULTIPLIERS: Final = {
+    "hundred": 100,
+    "thousand": 1000,
+    "million": 10**6,
+    "billion": 10**9,
+    "trillion": 10**12,
+    "lakh": 10**5,
+    "crore": 10**7,
+}
+_ORDINAL_WORDS: Final = {
+    w: i
+    for i, w in enumerate(
+        _words("first _ third fourth fifth sixth seventh eighth ninth tenth eleventh twelfth"), 1
+    )
+    if w != "_"  # "second" is far more often the unit of time
+}
+
+_NUMBER_WORDS_ALL: Final = (
+    frozenset(_NUM_WORDS) | frozenset(_ORDINAL_WORDS) | frozenset(_MULTIPLIERS)
+)
+
+_OPERATOR_WORDS: Final = {
+    "plus": "+",
+    "minus": "-",
+    "times": "*",
+    "multiplied": "*",
+    "divided": "/",
+    "over": "/",
+    "squared": "^2",
+    "cubed": "^3",
+    "power": "^",
+    "root": "sqrt",
+    "modulo": "%",
+    "mod": "%",
+}
+
+# Pairs of opposite words: one side in the query and the other in the candidate is unsafe.
+_OPPOSITES: Final = [
+    ("on", "off"),
+    ("buy bought buying", "sell sold selling"),
+    ("best", "worst"),
+    ("increase increases increased", "decrease decreases decreased reduce reduced"),
+    ("more", "less fewer"),
+    ("most", "least"),
+    ("max maximum", "min minimum"),
+    ("largest biggest", "smallest"),
+    ("before", "after"),
+    ("up", "down"),
+    ("open", "close shut"),
+    ("start starting", "stop stopping"),
+    ("enable enabled", "disable disabled"),
+    ("add adding", "remove removing delete deleting"),
+    ("send sending sent", "receive receiving received"),
+    ("upload", "download"),
+    ("import", "export"),
+    ("encrypt", "decrypt"),
+    ("lock", "unlock"),
+    ("positive", "negative"),
+    ("high higher highest", "low lower lowest"),
+    ("hot hotter", "cold colder"),
+    ("cheap cheaper cheapest", "expensive"),
+    ("advantages pros benefits", "disadvantages cons drawbacks"),
+    ("true", "false"),
+    ("legal", "illegal"),
+    ("male men boy boys man", "female women girl girls woman"),
+    ("rich", "poor"),
+    ("fast faster fastest", "slow slower slowest"),
+    ("easy easier easiest", "hard harder hardest difficult"),
+    ("good", "bad"),
+    ("love", "hate"),
+    ("win winning", "lose losing"),
+    ("deposit", "withdraw withdrawal"),
+    ("credit", "debit"),
+    ("activate", "deactivate"),
+    ("accept", "decline reject"),
+    ("first", "last"),
+    ("next", "previous"),
+    ("early earlier", "late later"),
+    ("north", "south"),
+    ("east", "west"),
+    ("top", "bottom"),
+    ("inside", "outside"),
+    ("login signin", "logout signout"),
+    ("louder", "quieter"),
+    ("brighter", "dimmer"),
+    ("forward", "backward"),
+    ("import", "export"),
+    ("input", "output"),
+    ("maximize", "minimize"),
+    ("include", "exclude"),
+    ("allow", "block"),
+    ("yesterday", "tomorrow"),
+    ("past", "future"),
+]
+_POLE: Final[dict[str, list[tuple[int, int]]]] = {}
+for _g, (_a, _b) in enumerate(_OPPOSITES):
+    for _side, _group_words in enumerate((_a, _b)):
+        for _w in _group_words.split():
+            _POLE.setdefault(_w, []).append((_g, _side))
+_PHRASAL_POLES: Final = {
+    ("log", "in"): "login",
+    ("sign", "in"): "login",
+    ("log", "out"): "logout",
+    ("sign", "out"): "logout",
+}
+
+# Lower-case names that users type without capitals. Small on purpose: it only has to catch the
+# common "same template, different name" questions (capital of X, weather in X, X vs Y code).
+_GAZETTEER: Final = frozenset(
+    _words(
+        "afghanistan albania algeria argentina armenia australia austria bangladesh belgium bhutan "
+        "brazil bulgaria cambodia canada chile china colombia croatia cuba cyprus czechia denmark "
+        "egypt england estonia ethiopia finland france germany ghana greece hungary iceland india "
+        "indonesia iran iraq ireland israel italy jamaica japan jordan kenya korea kuwait laos "
+        "latvia lebanon libya lithuania luxembourg malaysia maldives mexico mongolia morocco "
+        "myanmar nepal netherlands nigeria norway oman pakistan peru philippines poland portugal "
+        "qatar romania russia scotland serbia singapore slovakia slovenia somalia spain sudan "
+        "sweden switzerland syria taiwan tanzania thailand tunisia turkey uganda ukraine uruguay "
+        "venezuela vietnam wales yemen zambia zimbabwe usa uk uae europe asia africa america "
+        "antarctica australia london paris rome berlin madrid lisbon vienna prague warsaw moscow "
+        "beijing shanghai tokyo delhi mumbai bangalore bengaluru chennai kolkata hyderabad pune "
+        "dubai sydney melbourne toronto vancouver montreal chicago boston seattle houston dallas "
+        "atlanta miami denver austin california texas florida york jersey washington amsterdam "
+        "brussels dublin stockholm oslo helsinki copenhagen athens istanbul cairo lagos nairobi "
+        "seoul singapore bangkok jakarta manila hanoi karachi lahore dhaka kathmandu english "
+        "spanish french german italian portuguese russian chinese mandarin japanese korean hindi "
+        "arabic bengali urdu tamil telugu dutch swedish polish turkish greek hebrew python java "
+        "javascript typescript kotlin swift rust golang ruby perl php scala haskell matlab fortran "
+        "cobol sql mysql postgres postgresql mongodb redis linux windows macos android ios ubuntu "
+        "debian excel powerpoint react angular vue django flask node nodejs docker kubernetes aws "
+        "azure gcp git github html css c++ c# .net google apple microsoft amazon facebook meta "
+        "twitter instagram whatsapp youtube netflix uber tesla samsung iphone ipad mac xbox "
+        "playstation quora reddit linkedin spotify january february march april june july august "
+        "september october november december monday tuesday wednesday thursday friday saturday "
+        "sunday today tomorrow yesterday tonight christmas easter diwali ramadan halloween "
+        "thanksgiving"
+    )
+)
+_GAZ_BIGRAMS: Final = frozenset(
+    _words(
+        "new_york new_delhi los_angeles san_francisco hong_kong new_zealand south_africa "
+        "south_korea north_korea saudi_arabia sri_lanka united_states united_kingdom las_vegas "
+        "rio_de"
+    )
+)
+
+# Content-word Jaccard above which two texts "say the same words": the negation guard and the
+# order guard only fire above it. Chosen on the training side (QQP train half, intent train
+# leave-one-out, sim >= 0.8): negation asymmetry fired on 57 QQP pairs (25 unsafe) and 790
+# banking77 pairs (76 unsafe) unconditionally; at >= 0.7 on 9 (7 unsafe) and 101 (7 unsafe).
+_NEGATION_SAME: Final = 0.7
+_ORDER_SAME: Final = 0.5
+
+# Different spellings of the same name.
+_ALIASES: Final = {
+    "us": "usa",
+    "u.s": "usa",
+    "united states": "usa",
+    "united_states": "usa",
+    "america": "usa",
+    "uk": "uk",
+    "united kingdom": "uk",
+    "united_kingdom": "uk",
+    "britain": "uk",
+    "great britain": "uk",
+    "nyc": "new york",
+    "new_york": "new york",
+    "york": "new york",
+}
+# All-caps words that are not names.
+_NOT_ACRONYMS: Final = frozenset(_words("I A OK AM PM TV FAQ PLS PLZ ASAP LOL OMG FYI BTW"))
+
+# Words across which order matters: "X than Y", "X to Y", "from X to Y", "X by Y", "X over Y".
+# The value is the marker compared across texts ("into" and "to" are the same direction).
+_DIRECTIONAL: Final = {
+    "than": "than",
+    ">": "than",
+    "<": "than",
+    "to": "to",
+    "into": "to",
+    "onto": "to",
+    "towards": "to",
+    "from": "from",
+    "by": "by",
+    "per": "per",
+    "over": "over",
+    "minus": "-",
+    "-": "-",
+    "divided": "/",
+    "/": "/",
+    "^": "^",
+    "before": "before",
+    "after": "after",
+}
+# Long texts have many harmless reorderings; the order guard only looks at short ones.
+_ORDER_MAX_TOKENS: Final = 60
+_ORDER_STOP: Final = (
+    _FUNCTION_WORDS - {"first", "last", "new", "old", "best", "good", "better"}
+) | (frozenset(_DIRECTIONAL))
+
+# --------------------------------------------------------------------------- regexes
+
+_QUOTED_RE: Final = re.compile(
+    r'"([^"\n]{1,200})"|\u201c([^\u201d\n]{1,200})\u201d|`([^`\n]{1,200})`'
+    r"|(?<![\w'])'([^'\n]{1,100})'(?![\w'])|\u2018([^\u2019\n]{1,100})\u2019"
+)
+_URL_RE: Final = re.compile(r"\b(?:https?://|www\.)[^\s\"'<>()]+", re.I)
+# Code identifiers, one regex per shape, each behind a cheap test of the character it needs
+# (most queries have no "_", "." or "()": a single alternation cost ~17 us per text).
+_CODE_RES: Final = (
+    ("(", re.compile(r"\b[A-Za-z_]\w*\(\)")),  # call: len()
+    (".", re.compile(r"\b[A-Za-z_]\w*(?:\.[A-Za-z_]\w+)+\b")),  # os.path.join, Node.js, a.py
+    ("_", re.compile(r"\b\w*[A-Za-z]\w*_\w+\b")),  # snake_case, __init__
+    ("-", re.compile(r"(?<!\S)--?[a-z][\w-]+")),  # command-line flags, not "hip-hop"
+    ("", re.compile(r"\b[a-z]+[A-Z][A-Za-z0-9]*|\b[A-Z][a-z0-9]+[A-Z][A-Za-z0-9]*")),  # camel
+)
+_NUMBER_RE: Final = re.compile(r"(\d+(?:,\d{3})+|\d*\.\d+|\d+)(st|nd|rd|th)?(?![\d])", re.I)
+_TOKEN_RE: Final = re.compile(r"[$\u20ac\u00a3%]|[^\W_]+(?:['\u2019][^\W_]+)*|[-/^<>+*=]")
+_WORD_CAP_RE: Final = re.compile(r"[A-Z][a-z]+|[A-Z]{2,}[a-z]?")
+_SENT_PUNCT_RE: Final = re.compile(r"[.!?:;\n]")
+_DIGIT_RE: Final = re.compile(r"\d")
+_QUOTE_CHARS_RE: Final = re.compile(r"[\"\u201c`\u2018]|(?<![\w'])'")
+_OP_RE: Final = re.compile(r"(?<=[\d)\s])([+\-*/^\u00d7\u00f7=<>])(?=[\s(]*[\d.])")
+
+
+@dataclass(slots=True, frozen=True)
+class TextFeatures:
+    """Everything the verifier needs about one text; computed once per text (memoised)."""
+
+    numbers: tuple[str, ...]  # sorted multiset of canonical values; ordinals as "#3"
+    units: frozenset[tuple[str, str]]  # (value, unit) for numbers followed by a unit
+    operators: tuple[str, ...]  # sorted multiset of arithmetic operators
+    negated: bool
+    entities: frozenset[str]  # lower-case names (capitalised words, acronyms, gazetteer)
+    quoted: frozenset[str]
+    code: frozenset[str]
+    tokens: tuple[str, ...]  # lower-case word tokens (apostrophes removed)
+    surface: frozenset[str]  # tokens + bigrams + stems, to look names up leniently
+    content: frozenset[str]  # tokens minus function words
+    poles: frozenset[tuple[int, int]]  # (opposite group, side)
+    joined: str  # " w1 w2 ... " for phrase containment
+    ordered: frozenset[tuple[str, str, str]]  # (x, "to", y): x shortly before "to", y after
+
+
+def _canon_number(s: str) -> str:
+    s = s.replace(",", "")
+    try:
+        v = float(s)
+    except ValueError:
+        return s
+    return str(int(v)) if v.is_integer() and abs(v) < 1e15 else repr(v)
+
+
+def _sentence_starts(text: str, spans: list[tuple[int, int]]) -> frozenset[int]:
+    """Indexes of tokens that begin a sentence (first token, or after . ! ? : ; or a newline)."""
+    out = {0}
+    if _SENT_PUNCT_RE.search(text):
+        for i in range(1, len(spans)):
+            if _SENT_PUNCT_RE.search(text, spans[i - 1][1], spans[i][0]):
+                out.add(i)
+    return frozenset(out)
+
+
+def _ordered_triples(words: list[str]) -> frozenset[tuple[str, str, str]]:
+    """(x, marker, y) for content words x / y among the two nearest before / after a marker."""
+    out: set[tuple[str, str, str]] = set()
+    for i, t in enumerate(words):
+        m = _DIRECTIONAL.get(t)
+        if m is None:
+            continue
+        before = [w for w in words[max(0, i - 6) : i] if w not in _ORDER_STOP][-2:]
+        after = [w for w in words[i + 1 : i + 7] if w not in _ORDER_STOP][:2]
+        out.update((x, m, y) for x in before for y in after if x != y)
+    return frozenset(out)
+
+
+def _strip_possessive(w: str) -> str:
+    return w[:-2] if w.endswith("'s") else w
+
+
+def _stem(w: str) -> str:
+    w = _strip_possessive(w)
+    if len(w) > 4 and w.endswith("ies"):
+        return w[:-3] + "y"
+    if len(w) > 3 and w.endswith("s") and not w.endswith("ss"):
+        return w[:-1]
+    return w
+
+
+def _words_to_numbers(tokens: list[str]) -> tuple[list[str], list[int]]:
+    """Number words -> canonical values; returns values and the token index each ends at."""
+    vals: list[str] = []
+    ends: list[int] = []
+    i, n = 0, len(tokens)
+    while i < n:
+        t = tokens[i]
+        if t in _ORDINAL_WORDS:
+            vals.append(f"#{_ORDINAL_WORDS[t]}")
+            ends.append(i)
+            i += 1
+            continue
+        if t in _NUM_WORDS or (t in _MULTIPLIERS and i > 0 and tokens[i - 1] == "a"):
+            # A lone "one" is nearly always a pronoun or "a" ("how does one...", "one of the",
+            # "which one"): count it only in compounds ("one hundred") or before a unit.
+            if t == "one" and not (
+                i + 1 < n and (tokens[i + 1] in _MULTIPLIERS or tokens[i + 1] in _UNITS)
+            ):
+                i += 1
+                continue
+            total, cur = 0, 0
+            j = i
+            while j < n:
+                w = tokens[j]
+                if w in _NUM_WORDS:
+                    cur += _NUM_WORDS[w]
+                elif w in _MULTIPLIERS:
+                    m = _MULTIPLIERS[w]
+                    cur = max(cur, 1) * m
+                    if m >= 1000:
+                        total, cur = total + cur, 0
+                elif w == "and" and j + 1 < n and tokens[j + 1] in _NUM_WORDS and j > i:
+                    pass
+                else:
+                    break
+                j += 1
+            vals.append(str(total + cur))
+            ends.append(j - 1)
+            i = j
+            continue
+        i += 1
+    return vals, ends
+
+
+def extract(text: str) -> TextFeatures:
+    """Extract the must-match features of one text (numbers, negation, names, ...)."""
+    return _extract_cached(text)
+
+
+@lru_cache(maxsize=16384)
+def _extract_cached(text: str) -> TextFeatures:
+    # Cheap substring tests skip the regexes that cannot match (most queries are plain words).
+    quoted: frozenset[str] = frozenset()
+    if _QUOTE_CHARS_RE.search(text):
+        quoted = frozenset(
+            " ".join(
+                t.replace("'", "").replace("\u2019", "")
+                for t in _TOKEN_RE.findall(next(g for g in m.groups() if g is not None).lower())
+            )
+            for m in _QUOTED_RE.finditer(text)
+        )
+    code: set[str] = set()
+    rest = text
+    if "http" in text or "www." in text or "WWW." in text:
+        code.update(u.rstrip(".,;:!?").lower() for u in _URL_RE.findall(text))
+        rest = _URL_RE.sub(" ", text)
+    for c in (c for need, rx in _CODE_RES if need in rest for c in rx.findall(rest)):
+        # "e.g", "i.e", "U.S" are abbreviations, not dotted names
+        if (
+            "." in c
+            and (
+                c.count(".") * 2 >= len(c) - 1
+                # "girlfriend.What should I do": a missing space, not a dotted name
+                or any(seg[:1].isupper() and seg.lower() in _FUNCTION_WORDS for seg in c.split("."))
+            )
+        ):
+            continue
+        code.add(c.lower())
+
+    matches = list(_TOKEN_RE.finditer(rest))
+    raw_tokens = [m.group() for m in matches]
+    tokens = [t.lower().replace("\u2019", "'") for t in raw_tokens]
+
+    # numbers in digits, with a multiplier word or unit right after them
+    numbers: list[str] = []
+    units: set[tuple[str, str]] = set()
+    for m in _NUMBER_RE.finditer(rest) if _DIGIT_RE.search(rest) else ():
+        val = _canon_number(m.group(1))
+        if m.group(2):
+            val = "#" + val
+        tail = rest[m.end() : m.end() + 16].lower()
+        tw = _TOKEN_RE.findall(tail)
+        if tw and tw[0] in _MULTIPLIERS and not val.startswith("#"):
+            val = _canon_number(str(float(val) * _MULTIPLIERS[tw[0]]))
+        elif tw and tw[0] in _UNITS:
+            units.add((val, _UNITS[tw[0]]))
+        before = rest[max(0, m.start() - 1) : m.start()]
+        if before in "$\u20ac\u00a3" and before:
+            units.add((val, _UNITS[before]))
+        numbers.append(val)
+    # number words
+    plain = [_strip_possessive(t) if "'" in t else t for t in tokens]
+    wvals, wends = ([], []) if _NUMBER_WORDS_ALL.isdisjoint(plain) else _words_to_numbers(plain)
+    for v, e in zip(wvals, wends, strict=True):
+        numbers.append(v)
+        if e + 1 < len(plain) and plain[e + 1] in _UNITS:
+            units.add((v, _UNITS[plain[e + 1]]))
+
+    ops: list[str] = []
+    if numbers:
+        ops = [m.group(1) for m in _OP_RE.finditer(rest)]
+        ops += [_OPERATOR_WORDS[t] for t in plain if t in _OPERATOR_WORDS]
+        ops = [{"\u00d7": "*", "\u00f7": "/"}.get(o, o) for o in ops]
+
+    words = [t.replace("'", "") if "'" in t else t for t in tokens]
+    low_text = text.lower()
+    joined = " " + " ".join(words) + " "
+    # "why or why not", "or not?", "not only": the question is not negated
+    neg_text = joined
+    for idiom in _NEG_IDIOMS:
+        if idiom in neg_text:
+            neg_text = neg_text.replace(idiom, " ")
+    negated = ("n't" in low_text or "n\u2019t" in low_text) or not _NEGATIONS.isdisjoint(
+        neg_text.split()
+    )
+
+    # Capitalised words carry no signal in Title Case or ALL CAPS text, or at sentence starts.
+    alpha = [t for t in raw_tokens if t[:1].isalpha()]
+    caps = sum(1 for t in alpha if t[0].isupper())
+    use_caps = len(alpha) < 3 or caps / max(len(alpha), 1) <= 0.5
+    # Names are kept as chunks of consecutive name words ("donald trump"): a chunk is matched
+    # when the other text mentions any part of it ("trump", "Dhoni" for "Mahendra Singh Dhoni").
+    entities: set[str] = set()
+    chunk: list[str] = []
+    starts = _sentence_starts(rest, [m.span() for m in matches]) if use_caps else frozenset()
+    for i, (raw, low) in enumerate(zip(raw_tokens, plain, strict=True)):
+        is_name = low in _GAZETTEER
+        if (
+            use_caps
+            and raw.isupper()
+            and len(raw) >= 2
+            and raw.isalpha()
+            and raw not in _NOT_ACRONYMS
+        ):
+            is_name = True  # acronyms anywhere ("US" too, though "us" is a stopword)
+        elif low in _FUNCTION_WORDS or low in _UNITS:
+            pass
+        elif use_caps and i not in starts and _WORD_CAP_RE.fullmatch(raw):
+            # a sentence's first word is capitalised by grammar, not because it is a name
+            is_name = True
+        if is_name:
+            chunk.append(low)
+        elif chunk:
+            entities.add(" ".join(chunk))
+            chunk = []
+    if chunk:
+        entities.add(" ".join(chunk))
+    entities = {_ALIASES.get(e, e) for e in entities}
+    bigrams = {a + "_" + b for a, b in itertools.pairwise(plain)}
+    entities.update(bigrams & _GAZ_BIGRAMS)
+
+    surface = set(plain) | bigrams | set(words)
+    surface.update(_stem(w) for w in plain if w.endswith("s"))
+    surface.update(code)
+    surface.update(_ALIASES[b] for b in surface & _ALIASES.keys())
+    content = frozenset(
+        w for w in words if w not in _FUNCTION_WORDS and w not in _NEGATIONS and w.isalnum()
+    )
+
+    poles: set[tuple[int, int]] = set()
+    for w in _POLE.keys() & set(plain):
+        poles.update(_POLE[w])
+    for a, b in itertools.pairwise(plain):
+        ph = _PHRASAL_POLES.get((a, b))
+        if ph:
+            poles.update(_POLE[ph])
+    ordered = _ordered_triples(words) if len(words) <= _ORDER_MAX_TOKENS else frozenset()
+    return TextFeatures(
+        numbers=tuple(sorted(numbers)),
+        units=frozenset(units),
+        operators=tuple(sorted(ops)),
+        negated=negated,
+        entities=frozenset(entities),
+        quoted=quoted,
+        code=frozenset(code),
+        tokens=tuple(words),
+        surface=frozenset(surface),
+        content=content,
+        poles=frozenset(poles),
+        joined=joined,
+        ordered=ordered,
+    )
+
+
+# --------------------------------------------------------------------------- guards
+
+
+def _fmt(items: object) -> str:
+    s = sorted(items)  # type: ignore[call-overload]
+    return "{" + ", ".join(s) + "}" if s else "{}"
+
+
+def _missing(names: frozenset[str], other: TextFeatures) -> list[str]:
+    """Names of one text that the other text does not mention in any form."""
+    out = []
+    for chunk in names:
+        if any(_mentions(e, other) for e in chunk.split()):
+            continue
+        out.append(chunk)
+    return out
+
+
+def _mentions(e: str, other: TextFeatures) -> bool:
+    """Whether ``other`` mentions the name word ``e`` in some form."""
+    if e in other.surface or _stem(e) in other.surface:
+        return True
+    # "India" ~ "Indian", "America" ~ "Americans": a short suffix is the same name,
+    # but "Java" vs "JavaScript" is not.
+    return len(e) >= 4 and any(
+        (s.startswith(e) and len(s) - len(e) <= 3)
+        or (e.startswith(s) and len(e) - len(s) <= 3 and len(s) >= 4)
+        for s in other.content
+    )
+
+
+def _order_swapped(a: TextFeatures, b: TextFeatures) -> tuple[str, str] | None:
+    """Two content words on opposite sides of the same directional word, swapped, or None."""
+    if not a.ordered or not b.ordered:
+        return None
+    for x, m, y in a.ordered:
+        if (y, m, x) in b.ordered and (x, m, y) not in b.ordered:
+            return (x, y)
+    return None
+
+
+def guard_flags(q: TextFeatures, c: TextFeatures, *, first: bool = False) -> dict[str, str]:
+    """Guards that fire for (query, candidate), with a human-readable reason.
+
+    ``first=True`` stops at the first guard that fires (cheapest first); the learned verifier
+    needs them all.
+    """
+    flags: dict[str, str] = {}
+    if q.numbers != c.numbers:
+        flags["numbers"] = f"numbers differ: {_fmt(set(q.numbers))} vs {_fmt(set(c.numbers))}"
+    elif q.operators != c.operators:
+        flags["numbers"] = f"operators differ: {_fmt(set(q.operators))} vs {_fmt(set(c.operators))}"
+    else:
+        qu = dict(q.units)
+        for v, u in c.units:
+            if v in qu and qu[v] != u:
+                flags["numbers"] = f"units differ: {v} {qu[v]} vs {v} {u}"
+                break
+    if first and flags:
+        return flags
+    inter = len(q.content & c.content)
+    jaccard = inter / (len(q.content) + len(c.content) - inter or 1)
+    # Negation and word order only decide when the two texts say nearly the same words: then
+    # "not" (or the order) is the difference. Lexically different paraphrases express negation
+    # in other ways ("was not accepted" / "was rejected"), and there the embedding already sees
+    # the meaning.
+    if q.negated != c.negated and jaccard >= _NEGATION_SAME:
+        flags["negation"] = "negation: " + ("query" if q.negated else "candidate") + " negated"
+    if first and flags:
+        return flags
+    if q.quoted != c.quoted:
+        # A quoted phrase the other text contains unquoted is emphasis, not a different string.
+        mq = [x for x in q.quoted if f" {x} " not in c.joined]
+        mc = [x for x in c.quoted if f" {x} " not in q.joined]
+        if mq or mc:
+            flags["quoted"] = f"quoted: {_fmt(mq)} vs {_fmt(mc)}"
+    if first and flags:
+        return flags
+    if q.code != c.code:
+        mq, mc = _missing(q.code, c), _missing(c.code, q)
+        if mq or mc:
+            flags["code"] = f"code: {_fmt(mq)} vs {_fmt(mc)}"
+    if first and flags:
+        return flags
+    mq, mc = _missing(q.entities, c), _missing(c.entities, q)
+    if mq or mc:
+        flags["entity"] = (
+            "entity: " + _fmt(f"'{e}'" for e in mq) + " vs " + _fmt(f"'{e}'" for e in mc)
+        )
+    if first and flags:
+        return flags
+    if q.poles != c.poles:
+        qg = {g: s for g, s in q.poles}
+        for g, s in c.poles:
+            if g in qg and qg[g] != s and (g, s) not in q.poles and (g, qg[g]) not in c.poles:
+                a, b = _OPPOSITES[g]
+                flags["opposite"] = f"opposite: {a.split()[0]}/{b.split()[0]}"
+                break
+    if first and flags:
+        return flags
+    sw = _order_swapped(q, c) if jaccard >= _ORDER_SAME else None
+    if sw:
+        flags["order"] = f"order: '{sw[0]}' .. '{sw[1]}' swapped"
+    return flags
+
+
+GUARDS: Final = ("numbers", "negation", "quoted", "code", "entity", "opposite", "order")
+
+
+def pair_features(
+    q: TextFeatures, c: TextFeatures, similarity: float, flags: dict[str, str]
+) -> list[float]:
+    """Numeric features of a (query, candidate) pair for the learned verifier (see FEATURES)."""
+    qa, ca = q.content, c.content
+    inter = len(qa & ca)
+    union = len(qa | ca) or 1
+    lq, lc = len(q.tokens) or 1, len(c.tokens) or 1
+    return [
+        similarity,
+        inter / union,
+        min(lq, lc) / max(lq, lc),
+        len(qa - ca) / (len(qa) or 1),
+        len(ca - qa) / (len(ca) or 1),
+        math.log1p(min(lq, lc)),
+        *(1.0 if g in flags else 0.0 for g in GUARDS),
+    ]
+
+
+FEATURES: Final = (
+    "cosine",
+    "jaccard",
+    "len_ratio",
+    "query_only",
+    "cand_only",
+    "log_min_len",
+    *(f"guard_{g}" for g in GUARDS),
+)
+
+
+# --------------------------------------------------------------------------- verifier
+
+
+class Verifier:
+    """Decide whether a cached candidate may answer a query.
+
+    ``guards=False`` reduces it to the similarity threshold. ``weights_path`` (JSON written by
+    models/train_verifier.py) adds a logistic regression over :data:`FEATURES`; its probability
+    must reach the file's ``cut`` and becomes the verdict's score. Guards stay hard rejections
+    when ``guards=True``.
+    """
+
+    __slots__ = ("_bias", "_cut", "_guards", "_hard", "_mean", "_scale", "_weights")
+
+    def __init__(self, *, guards: bool = True, weights_path: str | Path | None = None) -> None:
+        self._guards = guards
+        self._weights: list[float] | None = None
+        self._bias = 0.0
+        self._cut = 0.5
+        self._mean: list[float] = []
+        self._scale: list[float] = []
+        self._hard: frozenset[str] = frozenset(GUARDS)
+        if weights_path is not None:
+            spec = json.loads(Path(weights_path).read_text())
+            if tuple(spec["features"]) != FEATURES:
+                raise ValueError(f"{weights_path}: features {spec['features']} != {FEATURES}")
+            self._weights = [float(w) for w in spec["weights"]]
+            self._bias = float(spec["bias"])
+            self._cut = float(spec["cut"])
+            self._mean = [float(x) for x in spec["mean"]]
+            self._scale = [float(x) for x in spec["scale"]]
+            self._hard = frozenset(spec.get("hard_guards", GUARDS))
+
+    def verify(self, query: str, candidate: str, similarity: float, threshold: float) -> Verdict:
+        """Return whether serving ``candidate``'s answer to ``query`` is safe, and why not."""
+        if similarity < threshold:
+            return Verdict(False, f"similarity {similarity:.3f} < {threshold:.3f}", similarity)
+        if not self._guards and self._weights is None:
+            return Verdict(True, "", similarity)
+        if query == candidate:
+            return Verdict(True, "", 1.0 if self._weights is not None else similarity)
+        q, c = extract(query), extract(candidate)
+        flags = guard_flags(q, c, first=self._weights is None)
+        if self._guards:
+            for g in GUARDS:
+                if g in flags and g in self._hard:
+                    return Verdict(False, flags[g], similarity)
+        if self._weights is None:
+            return Verdict(True, "", similarity)
+        x = pair_features(q, c, similarity, flags)
+        z = self._bias
+        for xi, w, m, s in zip(x, self._weights, self._mean, self._scale, strict=True):
+            z += w * (xi - m) / s
+        p = 1.0 / (1.0 + math.exp(-z)) if z > -60 else 0.0
+        if p < self._cut:
+            return Verdict(False, f"learned: p={p:.3f} < {self._cut:.3f}", p)
+        return Verdict(True, "", p)

@@ -1,0 +1,196 @@
+"""Tests of proxy.verifier: each guard rejects the unsafe pair and accepts the safe paraphrase."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from proxy.verifier import FEATURES, Verdict, Verifier, extract
+
+SIM = 0.90  # a similarity above the threshold: the guards alone decide
+THR = 0.80
+
+# (query, candidate, guard expected to fire) - pairs MiniLM scores close together
+UNSAFE = [
+    ("What is 2+3?", "What is 2+4?", "numbers"),
+    ("What is 2+3?", "What is 2*3?", "operators"),
+    (
+        "How many calories in 100 grams of rice?",
+        "How many calories in 200 grams of rice?",
+        "numbers",
+    ),
+    ("Set an alarm for seven", "Set an alarm for eight", "numbers"),
+    ("Is it 5 km?", "Is it 5 miles?", "units"),
+    ("What happened in 2016?", "What happened in 2017?", "numbers"),
+    ("What is the third largest planet?", "What is the largest planet?", "numbers"),
+    ("I can log in", "I can't log in", "negation"),
+    ("Why does my card work abroad?", "Why does my card not work abroad?", "negation"),
+    ("Can I travel without a visa?", "Can I travel with a visa?", "negation"),
+    ("What is the capital of France?", "What is the capital of Spain?", "entity"),
+    ("capital of france", "capital of spain", "entity"),
+    ("Who founded Microsoft?", "Who founded Apple?", "entity"),
+    ("How do I say 'hello' in Japanese?", "How do I say 'goodbye' in Japanese?", "quoted"),
+    ('What does "ls -la" print?', 'What does "ls -lh" print?', "quoted"),
+    ("What does os.path.join do?", "What does os.path.split do?", "code"),
+    ("Why is my_var undefined?", "Why is my_list undefined?", "code"),
+    ("How do I use getElementById?", "How do I use getElementsByClassName?", "code"),
+    ("How do I open config.yaml?", "How do I open config.json?", "code"),
+    ("Is Python faster than Java?", "Is Java faster than Python?", "order"),
+    (
+        "How to convert a list to a dict in Python",
+        "How to convert a dict to a list in Python",
+        "order",
+    ),
+    ("Cheapest flight from Paris to Rome", "Cheapest flight from Rome to Paris", "order"),
+    ("Turn on the kitchen lights", "Turn off the kitchen lights", "opposite"),
+    ("Should I buy Tesla stock?", "Should I sell Tesla stock?", "opposite"),
+]
+
+# (query, candidate) - true paraphrases that must stay hits
+SAFE = [
+    ("How do I reset my password?", "I forgot my password, help"),
+    ("What is 2+3?", "what's 2 + 3"),
+    ("What is twenty five plus three?", "What is 25 + 3?"),
+    ("Which one is better for a beginner?", "Which is better for a beginner?"),
+    ("Why can't I log in?", "Why am I unable to log in?"),
+    ("What is the capital of France?", "capital of france?"),
+    ("How do Indians view Pakistan?", "What do people in India think of Pakistan?"),
+    ("What is the best way to learn Python?", "How should I learn python?"),
+    ("What Is The Best Way To Learn Python?", "how do i learn python"),
+    ('How do I say "hello" in Japanese?', 'Japanese for "Hello"?'),
+    ("What does os.path.join do?", "Explain os.path.join"),
+    ("Python vs Java for a beginner?", "Java vs Python for a beginner?"),
+    ("Is Python faster than Java?", "Is python quicker than java?"),
+    ("Turn off the kitchen lights", "Switch the kitchen lights off"),
+    ("How long does a transfer take?", "How long do transfers take?"),
+]
+
+
+@pytest.mark.parametrize(("query", "candidate", "guard"), UNSAFE)
+def test_guard_rejects_unsafe_pair(query: str, candidate: str, guard: str) -> None:
+    v = Verifier()
+    for q, c in ((query, candidate), (candidate, query)):  # guards are symmetric
+        d = v.verify(q, c, SIM, THR)
+        assert not d.ok, (q, c)
+        assert d.reason.startswith(guard), d.reason
+        assert d.score == SIM
+
+
+@pytest.mark.parametrize(("query", "candidate"), SAFE)
+def test_guard_accepts_paraphrase(query: str, candidate: str) -> None:
+    v = Verifier()
+    for q, c in ((query, candidate), (candidate, query)):
+        assert v.verify(q, c, SIM, THR) == Verdict(True, "", SIM), (q, c)
+
+
+@pytest.mark.parametrize(("query", "candidate", "guard"), UNSAFE[:3])
+def test_guards_off_is_threshold_only(query: str, candidate: str, guard: str) -> None:
+    assert Verifier(guards=False).verify(query, candidate, SIM, THR).ok
+
+
+def test_threshold_respected() -> None:
+    v = Verifier()
+    q, c = SAFE[0]
+    assert v.verify(q, c, 0.80, 0.80).ok  # >= threshold is a hit
+    below = v.verify(q, c, 0.7999, 0.80)
+    assert not below.ok and below.reason.startswith("similarity")
+    assert not Verifier(guards=False).verify(q, q, 0.5, 0.8).ok
+
+
+def test_reason_names_the_difference() -> None:
+    d = Verifier().verify("What is 2+3?", "What is 2+4?", SIM, THR)
+    assert d.reason == "numbers differ: {2, 3} vs {2, 4}"
+    d = Verifier().verify("capital of France", "capital of Spain", SIM, THR)
+    assert d.reason == "entity: {'france'} vs {'spain'}"
+
+
+def test_number_words_and_units() -> None:
+    f = extract("I paid $1,500 for two thousand and five tickets, 3.50 each, the 2nd time")
+    assert set(f.numbers) == {"1500", "2005", "3.5", "#2"}
+    assert ("1500", "usd") in f.units
+    assert extract("Which one of these is best?").numbers == ()
+    assert extract("5 million users").numbers == ("5000000",)
+
+
+def test_learned_weights_roundtrip(tmp_path: Path) -> None:
+    n = len(FEATURES)
+    spec = {
+        "features": list(FEATURES),
+        "weights": [0.0] * n,
+        "bias": 10.0,
+        "cut": 0.5,
+        "mean": [0.0] * n,
+        "scale": [1.0] * n,
+    }
+    p = tmp_path / "w.json"
+    p.write_text(json.dumps(spec))
+    v = Verifier(weights_path=p)
+    d = v.verify(*SAFE[0], SIM, THR)
+    assert d.ok and d.score > 0.99
+    spec["bias"] = -10.0
+    p.write_text(json.dumps(spec))
+    d = Verifier(weights_path=p).verify(*SAFE[0], SIM, THR)
+    assert not d.ok and d.reason.startswith("learned")
+    # guards stay hard rejections in front of the model
+    assert (
+        Verifier(weights_path=p)
+        .verify("What is 2+3?", "What is 2+4?", SIM, THR)
+        .reason.startswith("numbers")
+    )
+
+
+def test_verify_is_fast() -> None:
+    v = Verifier()
+    pairs = [(q, c) for q, c, _ in UNSAFE] + SAFE
+    for q, c in pairs:  # warm the per-text memo (candidates repeat in the proxy)
+        v.verify(q, c, SIM, THR)
+    # CPU time of this process: wall time on shared CI cores measures the neighbours
+    t0 = time.process_time()
+    rounds = 50
+    for _ in range(rounds):
+        for q, c in pairs:
+            v.verify(q, c, SIM, THR)
+    per_call = (time.process_time() - t0) / (rounds * len(pairs))
+    # generous bound: CI cores are shared; typical is a few microseconds once memoised
+    assert per_call < 200e-6
+
+
+_TEMPLATES = [
+    "What is {a} plus {b}?",
+    "How many calories are in {a} grams of rice?",
+    "Convert {a} km to miles",
+    "Set a timer for {a} minutes and {b} seconds",
+    "Is {a} a prime number?",
+    "What happened in {a}?",
+    "I need a table for {a} people at {b} pm",
+    "What is {a}% of {b}?",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    template=st.sampled_from(_TEMPLATES),
+    a=st.integers(0, 100_000),
+    b=st.integers(0, 100_000),
+    new=st.integers(0, 100_000),
+    which=st.booleans(),
+    as_float=st.booleans(),
+)
+def test_changing_one_number_is_rejected(
+    template: str, a: int, b: int, new: int, which: bool, as_float: bool
+) -> None:
+    old_val = a if which or "{b}" not in template else b
+    assume(new != old_val)
+    fmt = (lambda x: f"{x / 10:.1f}") if as_float else str
+    q = template.format(a=fmt(a), b=fmt(b))
+    if which or "{b}" not in template:
+        c = template.format(a=fmt(new), b=fmt(b))
+    else:
+        c = template.format(a=fmt(a), b=fmt(new))
+    d = Verifier().verify(q, c, 0.99, THR)
+    assert not d.ok and d.reason.startswith("numbers"), (q, c, d)
