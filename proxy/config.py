@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import types
 import typing
@@ -115,12 +116,28 @@ class SemanticConfig:
     enabled: bool = True
     #: Cosine similarity a candidate must reach before the verifier looks at it.
     threshold: float = 0.85
-    #: Path of the int8 ONNX model; empty = the built-in models/minilm-l6-int8.onnx.
+    #: Per-namespace thresholds, "NAMESPACE=0.9" (a request's x-cache-threshold may only raise).
+    namespace_thresholds: tuple[str, ...] = ()
+    #: Verifier guards (numbers, negation, entities, order...) on candidates over the threshold.
+    guards: bool = True
+    #: Learned verifier weights (JSON); empty = guards only.
+    verifier_weights: str = ""
+    #: Path of the int8 ONNX model; empty = models/minilm-l6-int8.onnx (or $EDGE_PROXY_MODEL).
     model_path: str = ""
+    #: Embedder LRU of text -> vector, entries.
+    embed_cache_size: int = 10_000
     #: Entries in the semantic index.
     capacity: int = 100_000
     ttl_s: float = 86_400.0
-    #: Snapshot file of the index; empty = no snapshot.
+    #: Scopes up to this many entries are scored by brute force; larger ones by ANN.
+    brute_force_max: int = 256
+    #: Queries matching any of these (case-insensitive regex) skip the semantic layer: answers
+    #: that depend on the moment must not be served to a merely similar question.
+    bypass_patterns: tuple[str, ...] = (
+        r"\b(today|tonight|tomorrow|yesterday|right now|currently|latest|this (week|month|year))\b",
+        r"\b(weather|forecast|stock price|exchange rate|news|score of)\b",
+    )
+    #: Snapshot file of the index (loaded at start, written at shutdown); empty = none.
     snapshot_path: str = ""
 
 
@@ -130,6 +147,63 @@ class RouterConfig:
     default_tier: str = ""
     #: Model names routed by the router, besides "auto".
     aliases: tuple[str, ...] = ()
+    #: Route model "auto" with the learned router (else: default_tier).
+    enabled: bool = True
+    #: Score cut points between tiers (smallest first), len = tiers - 1; empty = the weights'.
+    cuts: tuple[float, ...] = ()
+    #: Router weights (JSON); empty = models/router.json.
+    weights_path: str = ""
+    #: A/B split of routed traffic: "FROM:TO=FRACTION" sends that fraction of the requests routed
+    #: to FROM to TO instead (e.g. "large:medium=0.1").
+    split: tuple[str, ...] = ()
+    #: Shadow traffic: "FROM:TO=FRACTION" mirrors that fraction of FROM's answered misses to TO;
+    #: the shadow answer is logged, never served.
+    shadow: tuple[str, ...] = ()
+    #: JSONL file of shadow pairs (both answers, latency, tokens); empty = log only metrics.
+    shadow_log: str = ""
+
+
+def namespace_thresholds(cfg: SemanticConfig) -> dict[str, float]:
+    """Parse semantic.namespace_thresholds ("NAMESPACE=0.9")."""
+    out = {}
+    for i, spec in enumerate(cfg.namespace_thresholds):
+        ns, sep, value = spec.rpartition("=")
+        try:
+            t = float(value)
+        except ValueError:
+            t = -1.0
+        if not sep or not ns or not 0.0 < t <= 1.0:
+            raise ConfigError(f"semantic.namespace_thresholds[{i}]: expected NAMESPACE=VALUE "
+                              f"with VALUE in (0, 1], got {spec!r}")
+        out[ns] = t
+    return out
+
+
+def parse_flows(specs: tuple[str, ...], field_path: str, tiers: list[str]
+                ) -> dict[str, list[tuple[str, float]]]:
+    """Parse "FROM:TO=FRACTION" entries (router.split / router.shadow)."""
+    out: dict[str, list[tuple[str, float]]] = {}
+    for i, spec in enumerate(specs):
+        path = f"{field_path}[{i}]"
+        pair, sep, frac = spec.partition("=")
+        src, sep2, dst = pair.partition(":")
+        src, dst = src.strip(), dst.strip()
+        if not sep or not sep2:
+            raise ConfigError(f"{path}: expected FROM:TO=FRACTION, got {spec!r}")
+        for name in (src, dst):
+            if name not in tiers:
+                raise ConfigError(f"{path}: unknown tier {name!r}")
+        try:
+            f = float(frac)
+        except ValueError:
+            raise ConfigError(f"{path}: fraction must be a number, got {frac!r}") from None
+        if not 0.0 <= f <= 1.0:
+            raise ConfigError(f"{path}: fraction must be in [0, 1], got {f}")
+        out.setdefault(src, []).append((dst, f))
+    for src, flows in out.items():
+        if sum(f for _, f in flows) > 1.0:
+            raise ConfigError(f"{field_path}: fractions leaving {src!r} add up to more than 1")
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +349,8 @@ def _validate(cfg: Config) -> Config:
         for fb in t.fallback:
             if fb not in names:
                 raise ConfigError(f"tiers.{t.name}.fallback: unknown tier {fb!r}")
+    parse_flows(cfg.router.split, "router.split", names)
+    parse_flows(cfg.router.shadow, "router.shadow", names)
     if cfg.router.default_tier and cfg.router.default_tier not in names:
         raise ConfigError(f"router.default_tier: unknown tier {cfg.router.default_tier!r}")
     s = cfg.server
@@ -292,6 +368,16 @@ def _validate(cfg: Config) -> Config:
                           f"{c.redis_url!r}")
     if not 0.0 < cfg.semantic.threshold <= 1.0:
         raise ConfigError("semantic.threshold: must be in (0, 1]")
+    namespace_thresholds(cfg.semantic)
+    for i, pat in enumerate(cfg.semantic.bypass_patterns):
+        try:
+            re.compile(pat)
+        except re.error as exc:
+            raise ConfigError(f"semantic.bypass_patterns[{i}]: {exc}") from None
+    cuts = cfg.router.cuts
+    if cuts and (len(cuts) != len(names) - 1 or list(cuts) != sorted(cuts)):
+        raise ConfigError(f"router.cuts: need {max(len(names) - 1, 0)} increasing numbers, one "
+                          f"per boundary between tiers, got {list(cuts)}")
     return cfg
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections import OrderedDict
@@ -26,6 +27,12 @@ from proxy.metrics import Metrics
 log = logging.getLogger(__name__)
 
 
+def ns_tag(namespace: str) -> bytes:
+    """A short, fixed-size tag of a namespace for Redis key names (never the namespace itself,
+    which may hold an API-key hash or a customer name)."""
+    return hashlib.blake2b(namespace.encode("utf-8", "replace"), digest_size=6).hexdigest().encode()
+
+
 class L1Cache:
     """LRU of key -> (answer, expiry), bounded by entry count and bytes.
 
@@ -35,7 +42,7 @@ class L1Cache:
     __slots__ = ("_data", "bytes", "evictions", "max_bytes", "max_entries", "ttl_s")
 
     def __init__(self, max_bytes: int, max_entries: int, ttl_s: float) -> None:
-        self._data: OrderedDict[bytes, tuple[CachedAnswer, float]] = OrderedDict()
+        self._data: OrderedDict[bytes, tuple[CachedAnswer, float, str]] = OrderedDict()
         self.max_bytes = max_bytes
         self.max_entries = max_entries
         self.ttl_s = ttl_s
@@ -56,16 +63,17 @@ class L1Cache:
         self._data.move_to_end(key)
         return item[0]
 
-    def set(self, key: bytes, answer: CachedAnswer, now: float, ttl_s: float | None = None) -> None:
+    def set(self, key: bytes, answer: CachedAnswer, now: float, ttl_s: float | None = None,
+            namespace: str = "") -> None:
         """Store ``answer``; evicts least recently used entries past either bound."""
         size = answer.size
         if size > self.max_bytes or self.max_entries == 0:
             return
         self.delete(key)
-        self._data[key] = (answer, now + (self.ttl_s if ttl_s is None else ttl_s))
+        self._data[key] = (answer, now + (self.ttl_s if ttl_s is None else ttl_s), namespace)
         self.bytes += size
         while self.bytes > self.max_bytes or len(self._data) > self.max_entries:
-            _, (old, _) = self._data.popitem(last=False)
+            _, (old, _, _) = self._data.popitem(last=False)
             self.bytes -= old.size
             self.evictions += 1
 
@@ -80,6 +88,13 @@ class L1Cache:
     def clear(self) -> None:
         self._data.clear()
         self.bytes = 0
+
+    def purge_namespace(self, namespace: str) -> int:
+        """Remove every entry of ``namespace``; returns the count."""
+        keys = [k for k, (_, _, ns) in self._data.items() if ns == namespace]
+        for k in keys:
+            self.delete(k)
+        return len(keys)
 
 
 class RedisL2:
@@ -133,38 +148,62 @@ class RedisL2:
             self._set_up(True)
             return
 
-    async def get(self, key: bytes) -> CachedAnswer | None:
+    def rkey(self, key: bytes, namespace: str) -> bytes:
+        """Redis key of an entry: prefix, x:, a tag of the namespace (purge by SCAN), the key."""
+        return self.prefix + ns_tag(namespace) + b":" + key
+
+    async def get(self, key: bytes, namespace: str) -> CachedAnswer | None:
         """The answer under ``key``, or None (absent, unreadable, or Redis down)."""
         if not self.up:
             return None
         try:
-            raw = await self.client.get(self.prefix + key)
+            raw = await self.client.get(self.rkey(key, namespace))
         except (RedisError, OSError, asyncio.TimeoutError):
             self._mark_down("get")
             return None
         return CachedAnswer.loads(raw) if raw else None
 
-    def put(self, key: bytes, answer: CachedAnswer) -> None:
+    def put(self, key: bytes, answer: CachedAnswer, namespace: str) -> None:
         """Store in the background; the caller does not wait."""
         if not self.up:
             return
-        task = asyncio.create_task(self._put(key, answer.dumps()))
+        task = asyncio.create_task(self._put(self.rkey(key, namespace), answer.dumps()))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
 
-    async def _put(self, key: bytes, raw: bytes) -> None:
+    async def _put(self, rkey: bytes, raw: bytes) -> None:
         try:
-            await self.client.set(self.prefix + key, raw, ex=self.cfg.redis_ttl_s)
+            await self.client.set(rkey, raw, ex=self.cfg.redis_ttl_s)
             self.metrics.cache_stores.labels("l2").inc()
         except (RedisError, OSError, asyncio.TimeoutError):
             self._mark_down("set")
 
-    async def delete(self, key: bytes) -> None:
+    async def delete(self, key: bytes, namespace: str) -> bool:
         if self.up:
             try:
-                await self.client.delete(self.prefix + key)
+                return bool(await self.client.delete(self.rkey(key, namespace)))
             except (RedisError, OSError, asyncio.TimeoutError):
                 self._mark_down("delete")
+        return False
+
+    async def purge_namespace(self, namespace: str) -> int:
+        """Delete every L2 entry of ``namespace`` (SCAN + UNLINK in batches)."""
+        if not self.up:
+            return 0
+        n = 0
+        try:
+            batch: list[bytes] = []
+            async for k in self.client.scan_iter(match=self.prefix + ns_tag(namespace) + b":*",
+                                                 count=1000):
+                batch.append(k)
+                if len(batch) >= 500:
+                    n += await self.client.unlink(*batch)
+                    batch = []
+            if batch:
+                n += await self.client.unlink(*batch)
+        except (RedisError, OSError, asyncio.TimeoutError):
+            self._mark_down("purge")
+        return n
 
     async def close(self) -> None:
         """Finish pending writes (briefly), stop probing, close connections."""
@@ -199,29 +238,37 @@ class ExactCache:
         """L1 only: no await on the fastest path."""
         return self.l1.get(key, time.monotonic())
 
-    async def get_l2(self, key: bytes) -> CachedAnswer | None:
+    async def get_l2(self, key: bytes, namespace: str) -> CachedAnswer | None:
         """L2, filling L1 on a hit."""
         if self.l2 is None:
             return None
-        answer = await self.l2.get(key)
+        answer = await self.l2.get(key, namespace)
         if answer is not None:
-            self.l1.set(key, answer, time.monotonic())
+            self.l1.set(key, answer, time.monotonic(), namespace=namespace)
         return answer
 
-    def put(self, key: bytes, answer: CachedAnswer) -> None:
+    def put(self, key: bytes, answer: CachedAnswer, namespace: str) -> None:
         """Store a complete answer in L1 and (in the background) L2."""
         if len(answer.body) > self.cfg.max_entry_bytes:
             self.metrics.cache_skips.labels("too_large").inc()
             return
-        self.l1.set(key, answer, time.monotonic())
+        self.l1.set(key, answer, time.monotonic(), namespace=namespace)
         self.metrics.cache_stores.labels("l1").inc()
         if self.l2 is not None:
-            self.l2.put(key, answer)
+            self.l2.put(key, answer, namespace)
 
-    async def delete(self, key: bytes) -> None:
-        self.l1.delete(key)
+    async def delete(self, key: bytes, namespace: str) -> bool:
+        """Remove one entry from L1 and L2; True if it was in either."""
+        found = self.l1.delete(key)
         if self.l2 is not None:
-            await self.l2.delete(key)
+            found = await self.l2.delete(key, namespace) or found
+        return found
+
+    async def purge_namespace(self, namespace: str) -> tuple[int, int]:
+        """Remove a namespace's entries; returns (L1 count, L2 count)."""
+        l1 = self.l1.purge_namespace(namespace)
+        l2 = await self.l2.purge_namespace(namespace) if self.l2 is not None else 0
+        return l1, l2
 
     def update_gauges(self) -> None:
         self.metrics.cache_entries.labels("l1").set(len(self.l1))

@@ -12,6 +12,7 @@ import os
 import time
 from typing import Any, Final
 
+import numpy as np
 import orjson
 from aiohttp import web
 
@@ -19,9 +20,12 @@ from proxy.answer import CachedAnswer
 from proxy.config import Config
 from proxy.errors import ProxyError, model_not_found, payload_too_large, sse_error_event
 from proxy.exact import ExactCache
-from proxy.flight import Flight, drain
-from proxy.keys import CHAT, COMPLETIONS, namespace_of, request_keys
+from proxy.flight import Flight, cancel_all, drain
+from proxy.keys import CHAT, COMPLETIONS, RequestKeys, namespace_of, request_keys
 from proxy.metrics import Metrics
+from proxy.router import Router
+from proxy.semcache import SemanticCache
+from proxy.shadow import Traffic
 from proxy.upstream import TierClient
 from proxy.validate import check_content_length, parse_json, validate
 
@@ -50,6 +54,15 @@ def _cache_directives(request: web.Request) -> tuple[bool, bool]:
     return True, True
 
 
+def _prompt_text(endpoint: str, body: dict[str, Any]) -> str:
+    """Text for the router when there is no single user query (tool turns, prompt lists)."""
+    if endpoint == CHAT:
+        return "\n".join(m.get("content") for m in body["messages"]
+                         if isinstance(m.get("content"), str))
+    p = body["prompt"]
+    return p if isinstance(p, str) else " ".join(x for x in p if isinstance(x, str))
+
+
 class Proxy:
     """State shared by the handlers: config, tiers, caches, metrics, flights in progress."""
 
@@ -58,6 +71,13 @@ class Proxy:
         self.metrics = metrics
         self.tiers: dict[str, TierClient] = {t.name: TierClient(t, metrics) for t in config.tiers}
         self.cache = ExactCache(config.cache, metrics)
+        order = [t.name for t in config.tiers]
+        self.semantic = (SemanticCache(config.semantic, metrics, self.cache, order)
+                         if config.semantic.enabled and config.cache.enabled else None)
+        self.router = (Router(order, cuts=config.router.cuts or None,
+                              weights_path=config.router.weights_path or None)
+                       if config.router.enabled and order else None)
+        self.traffic = Traffic(config, self.tiers, metrics)
         self.flights: dict[Any, Flight] = {}
         self.by_model: dict[str, str] = {}
         self.auto_models = {"auto", *config.router.aliases}
@@ -66,13 +86,29 @@ class Proxy:
         await self.cache.start()
         await asyncio.gather(*(t.start() for t in self.tiers.values()))
         self.by_model = {t.model: name for name, t in self.tiers.items()}
+        if self.semantic is not None:
+            await self.semantic.start()
 
     async def close(self) -> None:
-        from proxy.flight import cancel_all
-
         await cancel_all(self.flights)
+        await self.traffic.close()
         await asyncio.gather(*(t.close() for t in self.tiers.values()))
+        if self.semantic is not None:
+            await self.semantic.close()
         await self.cache.close()
+
+    async def purge_namespace(self, namespace: str) -> dict[str, int]:
+        """Drop a namespace from every layer of this proxy (and L2)."""
+        l1, l2 = await self.cache.purge_namespace(namespace)
+        sem = self.semantic.index.purge_namespace(namespace) if self.semantic is not None else 0
+        return {"l1": l1, "l2": l2, "semantic": sem}
+
+    async def purge_key(self, key: bytes, namespace: str) -> bool:
+        """Drop one exact key (and its semantic entry)."""
+        found = await self.cache.delete(key, namespace)
+        if self.semantic is not None:
+            found = self.semantic.index.remove(key) or found
+        return found
 
     # -- resolution ------------------------------------------------------------------------
     def resolve_tier(self, model: str) -> str:
@@ -86,7 +122,7 @@ class Proxy:
             raise model_not_found(model)
         return name
 
-    def chain(self, tier: str, routed: bool) -> list[TierClient]:
+    def chain(self, tier: str) -> list[TierClient]:
         """The tiers to try in order: the chosen one, then its configured fallbacks."""
         names = [tier, *self.tiers[tier].cfg.fallback]
         return [self.tiers[n] for n in dict.fromkeys(names)]
@@ -129,21 +165,47 @@ class Proxy:
         lookup, store = _cache_directives(request)
         namespace = namespace_of(request.headers.get("x-cache-namespace"),
                                  request.headers.get("Authorization"))
-        keys = request_keys(namespace, endpoint, model, body) if store or lookup else None
         cache_on = self.config.cache.enabled
+        lookup, store = lookup and cache_on, store and cache_on
+        keys = request_keys(namespace, endpoint, model, body) if (store or lookup) else None
+        if keys is not None:
+            headers["x-cache-key"] = keys.exact.hex()  # what /admin/purge takes
 
-        if keys is not None and lookup and cache_on:
+        if keys is not None and lookup:
             answer = self.cache.get_l1(keys.exact)
             if answer is None:
-                answer = await self.cache.get_l2(keys.exact)
+                answer = await self.cache.get_l2(keys.exact, namespace)
             if answer is not None and answer.fits(max_tokens):
-                return await self._serve_hit(request, endpoint, answer, tier_name, namespace,
-                                             stream, include_usage, headers, t0)
-        headers["x-cache"] = "miss" if (lookup and cache_on) else "bypass"
-        outcome = "miss" if (lookup and cache_on) else "bypass"
-        do_store = store and cache_on and keys is not None
-        flight = self._flight(keys.exact if keys is not None and store else None, namespace,
-                              endpoint, body, stream, tier_name, do_store)
+                if model in self.auto_models:  # not routed again: the tier that answered
+                    tier_name = answer.tier
+                return self._serve_hit(endpoint, answer, "hit-exact", tier_name, namespace,
+                                       stream, include_usage, headers, t0)
+        headers["x-cache"] = outcome = "miss" if lookup else "bypass"
+        fkey = (keys.exact, stream) if keys is not None and store else None
+        flight = self.flights.get(fkey) if fkey is not None else None
+        if flight is None or flight.done:
+            # Not in flight: the embedding serves the semantic lookup, the router and the store.
+            routed = model in self.auto_models
+            sem = self.semantic
+            query = keys.query_text if keys is not None else ""
+            sem_ok = sem is not None and sem.eligible(query)
+            vec = None
+            if sem is not None and sem_ok:
+                vec = await sem.embed(query)
+            if routed:
+                tier_name = self._route(query or _prompt_text(endpoint, body), vec, headers)
+            if sem is not None and sem_ok and lookup and vec is not None and keys is not None:
+                hit = await sem.lookup(vec, keys, tier_name, max_tokens, sem.threshold(
+                    namespace, request.headers.get("x-cache-threshold")))
+                if hit is not None:
+                    headers["x-cache-similarity"] = f"{hit.similarity:.4f}"
+                    return self._serve_hit(endpoint, hit.answer, "hit-semantic", tier_name,
+                                           namespace, stream, include_usage, headers, t0)
+            # an identical request may have started its flight while this one was embedding
+            flight = self.flights.get(fkey) if fkey is not None else None
+            if flight is None or flight.done:
+                flight = self._flight(fkey, keys, namespace, endpoint, body, stream, tier_name,
+                                      vec if sem_ok else None)
         flight.subscribe()
         try:
             if stream:
@@ -159,30 +221,46 @@ class Proxy:
         self.metrics.observe_request(endpoint, outcome, flight.tier.name, time.perf_counter() - t0)
         return web.Response(body=flight.body, content_type=JSON, headers=headers)
 
-    def _flight(self, key: bytes | None, namespace: str, endpoint: str, body: dict[str, Any],
-                stream: bool, tier_name: str, store: bool) -> Flight:
-        """Join the identical request in flight, or start one (key None: never shared)."""
-        fkey = (key, stream) if key is not None else None
-        if fkey is not None:
-            existing = self.flights.get(fkey)
-            if existing is not None and not existing.done:
-                return existing
+    def _route(self, text: str, vec: np.ndarray | None, headers: dict[str, str]) -> str:
+        """The tier for a routed request: the router's choice (or the default), then A/B."""
+        if self.router is None:
+            tier = self.config.default_tier
+        else:
+            decision = self.router.route(text, vec, self.tiers)
+            tier = decision.tier
+            headers["x-route-score"] = f"{decision.score:.3f}"
+        tier = self.traffic.divert(tier)
+        headers["x-route-tier"] = tier
+        self.metrics.route_decisions.labels(tier).inc()
+        return tier
+
+    def _flight(self, fkey: tuple[bytes, bool] | None, keys: RequestKeys | None,
+                namespace: str, endpoint: str, body: dict[str, Any], stream: bool,
+                tier_name: str, vec: np.ndarray | None) -> Flight:
+        """Start the upstream call for this request; identical requests may join it (fkey).
+
+        With ``fkey`` None (no-store), the call is never shared and its answer never stored.
+        """
         payload = dict(body)
         if stream:  # always ask for usage: the ledger needs it; clients get it only if asked
             payload["stream_options"] = {**(body.get("stream_options") or {}),
                                          "include_usage": True}
+        started = time.perf_counter()
 
         def on_complete(answer: CachedAnswer, tier: TierClient) -> None:
-            if store and key is not None:
-                self.cache.put(key, answer)
+            if fkey is not None and keys is not None:
+                self.cache.put(keys.exact, answer, namespace)
+                if vec is not None and self.semantic is not None:
+                    self.semantic.add(vec, keys, namespace, tier.name)
+            self.traffic.maybe_mirror(tier.name, endpoint, payload, answer,
+                                      time.perf_counter() - started)
 
         def on_finish(f: Flight) -> None:
             if fkey is not None and self.flights.get(fkey) is f:
                 del self.flights[fkey]
 
-        flight = Flight(fkey, namespace, endpoint, payload, stream,
-                        self.chain(tier_name, body["model"] in self.auto_models), self.metrics,
-                        on_complete, on_finish)
+        flight = Flight(fkey, namespace, endpoint, payload, stream, self.chain(tier_name),
+                        self.metrics, on_complete, on_finish)
         if fkey is not None:
             self.flights[fkey] = flight
         flight.start()
@@ -227,19 +305,18 @@ class Proxy:
             raise
         return resp
 
-    async def _serve_hit(self, request: web.Request, endpoint: str, answer: CachedAnswer,
-                         tier_name: str, namespace: str, stream: bool, include_usage: bool,
-                         headers: dict[str, str], t0: float) -> web.StreamResponse:
-        headers["x-cache"] = "hit-exact"
+    def _serve_hit(self, endpoint: str, answer: CachedAnswer, outcome: str, tier_name: str,
+                   namespace: str, stream: bool, include_usage: bool, headers: dict[str, str],
+                   t0: float) -> web.Response:
+        headers["x-cache"] = outcome
         tier = self.tiers.get(tier_name)
         if tier is not None:
             self.metrics.save(tier.cfg, namespace, answer.prompt_tokens, answer.completion_tokens)
         if stream:
-            resp: web.StreamResponse = web.Response(body=answer.sse(include_usage),
-                                                    headers={**SSE_HEADERS, **headers})
+            resp = web.Response(body=answer.sse(include_usage), headers={**SSE_HEADERS, **headers})
         else:
             resp = web.Response(body=answer.body, content_type=JSON, headers=headers)
-        self.metrics.observe_request(endpoint, "hit-exact", tier_name, time.perf_counter() - t0)
+        self.metrics.observe_request(endpoint, outcome, tier_name, time.perf_counter() - t0)
         return resp
 
     # -- other endpoints ---------------------------------------------------------------------
@@ -261,13 +338,20 @@ class Proxy:
         tiers = {n: {"model": t.model, "endpoints": [e.url for e in t.endpoints]}
                  for n, t in self.tiers.items()}
         ready = bool(self.tiers) and all(t.model for t in self.tiers.values())
+        sem = self.semantic
+        embedder = "disabled" if sem is None else ("ready" if sem.embedder.ready else "loading")
+        ready = ready and embedder != "loading"
         # Redis down degrades (L1 + upstream still serve) but does not make the sidecar unready:
         # taking the pod out of service would hurt more than a colder cache.
         status = "ready" if ready and redis != "down" else ("degraded" if ready else "not_ready")
         return web.Response(status=200 if ready else 503, content_type=JSON,
-                            body=orjson.dumps({"status": status, "redis": redis, "tiers": tiers}))
+                            body=orjson.dumps({"status": status, "redis": redis,
+                                               "embedder": embedder, "tiers": tiers,
+                                               "semantic_entries": len(sem.index) if sem else 0}))
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
         self.cache.update_gauges()
+        if self.semantic is not None:
+            self.semantic.update_gauges()
         return web.Response(body=self.metrics.render(),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})

@@ -63,6 +63,9 @@ from typing import Any, Final
 
 import numpy as np
 import orjson
+# onnxruntime must be loaded before usearch: the other order segfaults inside onnxruntime's
+# import (usearch 2.26 / onnxruntime 1.32 on x86_64; tests/test_semantic.py checks both load).
+import onnxruntime  # noqa: F401, I001
 from usearch.compiled import ScalarKind
 from usearch.index import Index
 

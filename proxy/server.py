@@ -11,6 +11,7 @@ import signal
 
 from aiohttp import web
 
+from proxy.admin import Admin
 from proxy.config import Config
 from proxy.errors import ProxyError
 from proxy.handlers import Proxy
@@ -21,17 +22,24 @@ log = logging.getLogger(__name__)
 PROXY_KEY = web.AppKey("proxy", Proxy)
 
 
-@web.middleware
-async def _errors(request: web.Request, handler):  # type: ignore[no-untyped-def]
-    """aiohttp's own HTTP errors (404 route, 405 method, 413) as OpenAI-style JSON."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
-            exc.status, "http_error")
-        return ProxyError(exc.status, exc.reason or "error", code=code).response()
+def _fallback_route(app: web.Application) -> None:
+    """Unknown paths (404) and wrong methods (405) as OpenAI-style JSON.
+
+    A catch-all route rather than a middleware: a middleware wraps every request, this costs
+    nothing on the routes that match.
+    """
+    known = {r.canonical: r for r in app.router.resources()}
+
+    async def fallback(request: web.Request) -> web.Response:
+        res = known.get(request.path)
+        if res is not None:
+            allowed = sorted({route.method for route in res})
+            return ProxyError(405, f"method {request.method} not allowed on {request.path}; "
+                              f"use {', '.join(allowed)}", code="method_not_allowed",
+                              headers={"Allow": ", ".join(allowed)}).response()
+        return ProxyError(404, f"no route {request.path}", code="not_found").response()
+
+    app.router.add_route("*", "/{tail:.*}", fallback)
 
 
 def build_app(config: Config, metrics: Metrics | None = None) -> web.Application:
@@ -39,7 +47,7 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
     proxy = Proxy(config, metrics or Metrics())
     # client_max_size a little above the limit so the handler, not aiohttp, answers with our 413
     app = web.Application(client_max_size=config.server.max_body_bytes + 1,
-                          middlewares=[_errors], handler_args={"max_field_size": 16384})
+                          handler_args={"max_field_size": 16384})
     app[PROXY_KEY] = proxy
     app.router.add_post("/v1/chat/completions", proxy.chat)
     app.router.add_post("/v1/completions", proxy.completions)
@@ -47,6 +55,8 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
     app.router.add_get("/healthz", proxy.healthz)
     app.router.add_get("/readyz", proxy.readyz)
     app.router.add_get("/metrics", proxy.metrics_endpoint)
+    Admin(proxy).routes(app)
+    _fallback_route(app)
 
     async def startup(app: web.Application) -> None:
         await proxy.start()

@@ -158,6 +158,9 @@ async def make_proxy(tiers: dict[str, Tier]) -> AsyncIterator[Any]:
                       tier_urls: dict[str, str] | None = None,
                       tier_options: dict[str, dict[str, Any]] | None = None,
                       **sections: dict[str, Any]) -> RunningProxy:
+        # the router is off unless a test turns it on: most tests want model "auto" to reach a
+        # known tier (the default: small)
+        sections.setdefault("router", {"enabled": False})
         urls = {n: tiers[n].url for n in tier_names}
         urls.update(tier_urls or {})
         cfg = load_config(env={}, overrides=sections, tier_flags=[f"{n}={u}" for n, u in

@@ -64,9 +64,9 @@ async def test_redis_l2_shared_and_survives_outage(redis_prefix) -> None:
         a, b = ExactCache(cfg, Metrics()), ExactCache(cfg, Metrics())
         await a.start()
         await b.start()
-        a.put(b"k" * 16, answer())
+        a.put(b"k" * 16, answer(), "ns")
         for _ in range(50):
-            got = await b.get_l2(b"k" * 16)
+            got = await b.get_l2(b"k" * 16, "ns")
             if got is not None:
                 break
             await asyncio.sleep(0.01)
@@ -75,12 +75,12 @@ async def test_redis_l2_shared_and_survives_outage(redis_prefix) -> None:
 
         server.stop()
         t0 = time.perf_counter()
-        assert await b.get_l2(b"z" * 16) is None
+        assert await b.get_l2(b"z" * 16, "ns") is None
         assert not b.l2.up
         # while down, L2 is skipped without waiting on connects
         t1 = time.perf_counter()
         for _ in range(20):
-            assert await b.get_l2(b"z" * 16) is None
+            assert await b.get_l2(b"z" * 16, "ns") is None
         assert time.perf_counter() - t1 < 0.05
         assert time.perf_counter() - t0 < 2
         assert b.get_l1(b"k" * 16) is not None  # L1 still serves
@@ -91,9 +91,9 @@ async def test_redis_l2_shared_and_survives_outage(redis_prefix) -> None:
                 break
             await asyncio.sleep(0.05)
         assert b.l2.up
-        b.put(b"n" * 16, answer(7))
+        b.put(b"n" * 16, answer(7), "ns")
         await asyncio.sleep(0.1)
-        assert (await a.get_l2(b"n" * 16)) is not None or not a.l2.up
+        assert (await a.get_l2(b"n" * 16, "ns")) is not None or not a.l2.up
         await a.close()
         await b.close()
     finally:

@@ -275,3 +275,47 @@ async def test_models_health_ready_metrics(make_proxy) -> None:
     led = p.metrics.ledger.summary()
     assert led["tiers"]["small"]["upstream_calls"] == 1 and led["tiers"]["small"]["cache_hits"] == 1
     assert led["saved_usd"] > 0 and led["spent_usd"] > 0
+
+
+async def test_admin_api(make_proxy, tiers) -> None:
+    p = await make_proxy(server={"admin_token": "s3cret-admin"})
+    client = p.client()
+    r = await client.chat.completions.with_raw_response.create(model="auto", messages=MSG)
+    key = r.headers["x-cache-key"]
+    await client.chat.completions.create(model="auto", messages=MSG)
+    auth = {"Authorization": "Bearer s3cret-admin"}
+    async with aiohttp.ClientSession() as s:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-admin"}):
+            async with s.get(p.url + "/admin/stats", headers=headers) as resp:
+                assert resp.status == 401
+                assert (await resp.json())["error"]["code"] == "invalid_admin_token"
+        async with s.get(p.url + "/admin/stats", headers=auth) as resp:
+            stats = await resp.json()
+        assert stats["requests"]["hit-exact"] == 1 and stats["hit_rate"] == 0.5
+        assert stats["cost"]["tiers"]["small"]["cache_hits"] == 1
+        assert stats["cache"]["l1_entries"] == 1
+        ns = p.proxy.cache.l1._data[bytes.fromhex(key)][2]
+        async with s.post(p.url + "/admin/purge", headers=auth, json={"key": key,
+                                                                      "namespace": ns}) as resp:
+            assert (await resp.json())["purged"] == 1
+        r = await client.chat.completions.with_raw_response.create(model="auto", messages=MSG)
+        assert r.headers["x-cache"] == "miss"
+        async with s.post(p.url + "/admin/purge", headers=auth, json={"namespace": ns}) as resp:
+            assert (await resp.json())["purged"]["l1"] == 1
+        assert len(p.proxy.cache.l1) == 0
+        async with s.post(p.url + "/admin/purge", headers=auth, json={"nope": 1}) as resp:
+            assert resp.status == 400
+    q = await make_proxy()
+    async with aiohttp.ClientSession() as s, s.get(q.url + "/admin/stats", headers=auth) as resp:
+        assert resp.status == 404  # no token configured: no admin API
+
+
+async def test_unknown_route_and_wrong_method(make_proxy) -> None:
+    p = await make_proxy()
+    async with aiohttp.ClientSession() as s:
+        async with s.get(p.url + "/v1/chat/completions") as r:
+            body = await r.json()
+            assert r.status == 405 and body["error"]["code"] == "method_not_allowed"
+            assert "POST" in r.headers["Allow"]
+        async with s.post(p.url + "/v2/whatever", json={}) as r:
+            assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"

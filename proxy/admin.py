@@ -1,0 +1,109 @@
+"""Admin API: stats, purge (a namespace or one key), snapshot now.
+
+Every route needs ``Authorization: Bearer <server.admin_token>``, compared in constant time;
+without a configured token the admin API answers 404 (it does not exist). Namespaces are named as
+the proxy names them in metrics: ``ns:<x-cache-namespace>`` or ``key:<hash of the API key>``.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from proxy.errors import ProxyError, bad_request
+from proxy.handlers import Proxy
+
+
+def _json(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json")
+
+
+class Admin:
+    """The /admin/* handlers of one proxy."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.token = proxy.config.server.admin_token.encode()
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_get("/admin/stats", self.stats)
+        app.router.add_post("/admin/purge", self.purge)
+        app.router.add_post("/admin/snapshot", self.snapshot)
+
+    def _check(self, request: web.Request) -> None:
+        if not self.token:
+            raise ProxyError(404, "the admin API is disabled (set server.admin_token)",
+                             code="not_found")
+        auth = request.headers.get("Authorization", "")
+        given = auth[7:].encode() if auth.startswith("Bearer ") else b""
+        # constant time: the comparison must not tell how much of a guess was right
+        if not hmac.compare_digest(given, self.token):
+            raise ProxyError(401, "admin token missing or wrong", err_type="authentication_error",
+                             code="invalid_admin_token",
+                             headers={"WWW-Authenticate": 'Bearer realm="edge-proxy-admin"'})
+
+    async def stats(self, request: web.Request) -> web.Response:
+        try:
+            self._check(request)
+        except ProxyError as err:
+            return err.response()
+        p = self.proxy
+        m = p.metrics
+        outcomes = m.hot.outcomes()
+        served = sum(v for k, v in outcomes.items() if k != "error")
+        hits = outcomes.get("hit-exact", 0) + outcomes.get("hit-semantic", 0)
+        l1 = p.cache.l1
+        body = {
+            "requests": outcomes,
+            "hit_rate": round(hits / served, 4) if served else 0.0,
+            "cost": m.ledger.summary(),
+            "cache": {"l1_entries": len(l1), "l1_bytes": l1.bytes, "l1_evictions": l1.evictions,
+                      "redis": "disabled" if p.cache.l2 is None else
+                      ("up" if p.cache.l2.up else "down")},
+            "semantic": None if p.semantic is None else {
+                "entries": len(p.semantic.index), **p.semantic.index.stats(),
+                "memory_bytes": p.semantic.index.memory_bytes()},
+            "flights_in_progress": len(p.flights),
+            "tiers": {n: {"model": t.model, "active": t.active,
+                          "endpoints": [{"url": e.url, "state": e.state, "in_flight": e.in_flight}
+                                        for e in t.endpoints]} for n, t in p.tiers.items()},
+        }
+        return _json(body)
+
+    async def purge(self, request: web.Request) -> web.Response:
+        try:
+            self._check(request)
+            try:
+                req = orjson.loads(await request.read())
+            except orjson.JSONDecodeError:
+                raise bad_request("body must be JSON: {\"namespace\": ...} or {\"key\": ..., "
+                                  "\"namespace\": ...}", code="invalid_json") from None
+            if not isinstance(req, dict) or not isinstance(req.get("namespace"), str):
+                raise bad_request("'namespace' (string) is required", "namespace")
+            ns = req["namespace"]
+            if "key" in req:
+                try:
+                    key = bytes.fromhex(req["key"])
+                except (TypeError, ValueError):
+                    raise bad_request("'key' must be the hex exact key", "key") from None
+                found = await self.proxy.purge_key(key, ns)
+                return _json({"purged": int(found)})
+            counts = await self.proxy.purge_namespace(ns)
+            return _json({"purged": counts})
+        except ProxyError as err:
+            return err.response()
+
+    async def snapshot(self, request: web.Request) -> web.Response:
+        try:
+            self._check(request)
+        except ProxyError as err:
+            return err.response()
+        sem = self.proxy.semantic
+        if sem is None or not sem.cfg.snapshot_path:
+            return ProxyError(409, "no semantic.snapshot_path configured",
+                              code="snapshot_disabled").response()
+        n = await sem.snapshot_async()
+        return _json({"snapshot": sem.cfg.snapshot_path, "entries": n})

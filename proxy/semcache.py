@@ -1,0 +1,149 @@
+"""The semantic cache layer: embed the query, search its scope, verify, fetch the answer.
+
+Composes the embedder (worker thread), the scope-partitioned index and the verifier. The index
+only points at answers (their exact keys); the answers themselves live in the exact cache
+(L1/L2), so a semantic hit serves the very bytes an exact hit would, and an entry whose answer
+has left the exact cache is dropped when met.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from proxy.answer import CachedAnswer
+from proxy.config import SemanticConfig, namespace_thresholds
+from proxy.embedder import Embedder
+from proxy.exact import ExactCache
+from proxy.keys import RequestKeys
+from proxy.metrics import Metrics
+from proxy.semantic import SemanticEntry, SemanticIndex, SnapshotError
+from proxy.verifier import Verifier
+
+log = logging.getLogger(__name__)
+
+
+class SemanticHit:
+    __slots__ = ("answer", "entry", "similarity")
+
+    def __init__(self, answer: CachedAnswer, entry: SemanticEntry, similarity: float) -> None:
+        self.answer = answer
+        self.entry = entry
+        self.similarity = similarity
+
+
+class SemanticCache:
+    """Lookup and store of semantic entries for one proxy."""
+
+    def __init__(self, cfg: SemanticConfig, metrics: Metrics, exact: ExactCache,
+                 tier_order: Sequence[str]) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self.exact = exact
+        self.rank = {name: i for i, name in enumerate(tier_order)}
+        self.embedder = Embedder(cfg.model_path or None, cache_size=cfg.embed_cache_size)
+        self.index = SemanticIndex(capacity=cfg.capacity, ttl_s=cfg.ttl_s,
+                                   brute_force_max=cfg.brute_force_max)
+        self.verifier = Verifier(guards=cfg.guards, weights_path=cfg.verifier_weights or None)
+        self.ns_thresholds = namespace_thresholds(cfg)
+        self.bypass = (re.compile("|".join(f"(?:{p})" for p in cfg.bypass_patterns), re.I)
+                       if cfg.bypass_patterns else None)
+
+    async def start(self) -> None:
+        await self.embedder.start()
+        path = self.cfg.snapshot_path
+        if path and Path(path).exists():
+            try:
+                self.index = await asyncio.to_thread(
+                    SemanticIndex.load, path, capacity=self.cfg.capacity, ttl_s=self.cfg.ttl_s,
+                    brute_force_max=self.cfg.brute_force_max)
+                log.info("semantic index: %d entries from %s", len(self.index), path)
+            except (SnapshotError, OSError) as exc:
+                log.error("semantic snapshot %s ignored: %s", path, exc)
+
+    async def close(self) -> None:
+        await self.embedder.close()
+        if self.cfg.snapshot_path:
+            try:
+                self.snapshot()
+            except OSError as exc:
+                log.error("semantic snapshot failed: %s", exc)
+
+    def snapshot(self) -> None:
+        """Write the index to the configured snapshot file."""
+        if self.cfg.snapshot_path:
+            self.index.snapshot(self.cfg.snapshot_path)
+
+    async def snapshot_async(self) -> int:
+        """Snapshot now; returns the entry count. Runs on the loop thread: the index is not
+        thread-safe, so requests wait for the write (tens of ms per 10k entries)."""
+        self.snapshot()
+        return len(self.index)
+
+    # -- the request path --------------------------------------------------------------------
+    def eligible(self, query: str) -> bool:
+        """Does this query take part in the semantic layer? (Time-sensitive ones do not.)"""
+        return bool(query) and not (self.bypass is not None and self.bypass.search(query))
+
+    def threshold(self, namespace: str, requested: str | None) -> float:
+        """The threshold for a request: config, raised by the namespace's and the header's."""
+        t = max(self.cfg.threshold, self.ns_thresholds.get(namespace, 0.0))
+        if requested:
+            try:
+                t = max(t, min(1.0, float(requested)))
+            except ValueError:
+                pass
+        return t
+
+    async def embed(self, text: str) -> np.ndarray:
+        t0 = time.perf_counter()
+        vec = await self.embedder.embed(text)
+        self.metrics.embed_seconds.observe(time.perf_counter() - t0)
+        return vec
+
+    async def lookup(self, vec: np.ndarray, keys: RequestKeys, tier: str, max_tokens: int | None,
+                     threshold: float) -> SemanticHit | None:
+        """The best verified candidate whose answer fits, or None."""
+        results = self.index.search(vec, keys.scope, k=4)
+        need = self.rank.get(tier, 0)
+        for sim, entry in results:
+            if sim < threshold:
+                break
+            if entry.key == keys.exact:
+                continue  # the exact layer already looked there
+            if self.rank.get(entry.tier, 0) < need:
+                # a smaller tier's answer is not served to a request routed to a larger one
+                self.metrics.semantic_rejects.labels("tier").inc()
+                continue
+            verdict = self.verifier.verify(keys.query_text, entry.query_text, sim, threshold)
+            if not verdict.ok:
+                self.metrics.semantic_rejects.labels(verdict.reason.split(":")[0][:32]).inc()
+                continue
+            answer = self.exact.get_l1(entry.key)
+            if answer is None:
+                answer = await self.exact.get_l2(entry.key, entry.namespace)
+            if answer is None:
+                self.index.remove(entry.key)  # its answer expired or was evicted
+                continue
+            if not answer.fits(max_tokens):
+                continue
+            self.metrics.semantic_similarity.observe(sim)
+            return SemanticHit(answer, entry, sim)
+        return None
+
+    def add(self, vec: np.ndarray, keys: RequestKeys, namespace: str, tier: str) -> None:
+        """Index a stored answer under its query's vector."""
+        now = time.time()
+        self.index.add(vec, SemanticEntry(key=keys.exact, scope=keys.scope, namespace=namespace,
+                                          query_text=keys.query_text, tier=tier, max_tokens=None,
+                                          created=now, expires=now + self.cfg.ttl_s))
+
+    def update_gauges(self) -> None:
+        self.metrics.cache_entries.labels("semantic").set(len(self.index))
+        self.metrics.cache_bytes.labels("semantic").set(self.index.memory_bytes())

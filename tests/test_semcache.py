@@ -1,0 +1,128 @@
+"""The semantic layer through the proxy: paraphrases hit, near-misses and other scopes do not."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+
+from proxy.answer import CachedAnswer
+from proxy.config import CacheConfig, SemanticConfig
+from proxy.exact import ExactCache
+from proxy.keys import request_keys
+from proxy.metrics import Metrics
+from proxy.semcache import SemanticCache
+from tests.test_proxy import mock_requests
+
+
+def ask(text: str, system: str | None = None) -> list[dict[str, str]]:
+    msgs = [{"role": "system", "content": system}] if system else []
+    return [*msgs, {"role": "user", "content": text}]
+
+
+async def test_paraphrase_is_a_semantic_hit(make_proxy, tiers) -> None:
+    p = await make_proxy(router={"enabled": False})
+    client = p.client()
+    first = await client.chat.completions.create(model="auto",
+                                                 messages=ask("How do I reset my password?"))
+    r = await client.chat.completions.with_raw_response.create(
+        model="auto", messages=ask("How can I reset my password?"))
+    assert r.headers["x-cache"] == "hit-semantic"
+    assert 0.85 <= float(r.headers["x-cache-similarity"]) < 1.0
+    assert r.parse().choices[0].message.content == first.choices[0].message.content
+    # streamed too
+    r = await client.chat.completions.with_raw_response.create(
+        model="auto", messages=ask("how can i reset my password"), stream=True)
+    assert r.headers["x-cache"] == "hit-semantic"
+    text = "".join([c.choices[0].delta.content or "" async for c in r.parse() if c.choices])
+    assert text == first.choices[0].message.content
+    assert await mock_requests(tiers["small"]) == 1
+
+
+async def test_near_misses_are_refused_by_the_verifier(make_proxy, tiers) -> None:
+    p = await make_proxy(router={"enabled": False})
+    client = p.client()
+    pairs = [("What is 2+3?", "What is 2+4?"),
+             ("Is Python faster than Java?", "Is Java faster than Python?"),
+             ("I can log in to my account", "I can't log in to my account")]
+    for a, b in pairs:
+        await client.chat.completions.create(model="auto", messages=ask(a))
+        r = await client.chat.completions.with_raw_response.create(model="auto", messages=ask(b))
+        assert r.headers["x-cache"] == "miss", (a, b)
+    assert await mock_requests(tiers["small"]) == 6
+
+
+async def test_scopes_namespaces_thresholds_and_bypass(make_proxy, tiers) -> None:
+    p = await make_proxy(router={"enabled": False})
+    client = p.client()
+    q1, q2 = "How do I reset my password?", "How can I reset my password?"
+    await client.chat.completions.create(model="auto", messages=ask(q1, "Be brief."))
+    for headers, messages in [
+        ({}, ask(q2, "Answer in French.")),               # another system prompt
+        ({"x-cache-namespace": "other"}, ask(q2, "Be brief.")),   # another tenant
+        ({"x-cache-threshold": "0.999"}, ask(q2, "Be brief.")),   # a stricter request
+    ]:
+        r = await client.chat.completions.with_raw_response.create(
+            model="auto", messages=messages, extra_headers=headers)
+        assert r.headers["x-cache"] == "miss", headers
+    # a lower requested threshold cannot loosen the configured one: still a hit, same answer
+    r = await client.chat.completions.with_raw_response.create(
+        model="auto", messages=ask("how do I reset my password", "Be brief."),
+        extra_headers={"x-cache-threshold": "0.1"})
+    assert r.headers["x-cache"] == "hit-semantic"
+    await client.chat.completions.create(model="auto",
+                                         messages=ask("What is the weather today in Paris?"))
+    r = await client.chat.completions.with_raw_response.create(
+        model="auto", messages=ask("What's the weather today in Paris?"))
+    assert r.headers["x-cache"] == "miss"
+
+
+async def test_router_sets_tier_and_score_headers(make_proxy, tiers) -> None:
+    p = await make_proxy(router={"enabled": True})
+    client = p.client()
+    easy = await client.chat.completions.with_raw_response.create(
+        model="auto", messages=ask("hi, how are you?"))
+    hard_q = ("Prove step by step that the sum of the first n odd numbers is n^2, then write a "
+              "Python function that verifies it for n up to 10^6 and analyse its complexity. " * 3)
+    hard = await client.chat.completions.with_raw_response.create(model="auto",
+                                                                  messages=ask(hard_q))
+    order = ["small", "medium", "large"]
+    s_easy, s_hard = (float(r.headers["x-route-score"]) for r in (easy, hard))
+    assert 0 <= s_easy < s_hard <= 1
+    assert order.index(easy.headers["x-route-tier"]) <= order.index(hard.headers["x-route-tier"])
+    assert hard.headers["x-route-tier"] != "small"
+    # the answer comes from the tier the router chose
+    tier = hard.headers["x-route-tier"]
+    assert hard.parse().choices[0].message.content.startswith(f"[{tier}-")
+
+
+async def test_smaller_tier_answer_not_served_to_larger_route() -> None:
+    exact = ExactCache(CacheConfig(), Metrics())
+    sem = SemanticCache(SemanticConfig(), Metrics(), exact, ["small", "medium", "large"])
+    await sem.start()
+    try:
+        body = {"model": "auto", "messages": ask("How do I reset my password?")}
+        keys = request_keys("ns", "chat", "auto", body)
+        exact.put(keys.exact, CachedAnswer("chat", b'{"choices":[]}', "small", 1, 1), "ns")
+        vec = await sem.embed(keys.query_text)
+        sem.add(vec, keys, "ns", "small")
+        para = request_keys("ns", "chat", "auto",
+                            {"model": "auto", "messages": ask("How can I reset my password?")})
+        pvec = await sem.embed(para.query_text)
+        assert await sem.lookup(pvec, para, "small", None, 0.85) is not None
+        assert await sem.lookup(pvec, para, "large", None, 0.85) is None
+        # an entry whose answer left the exact cache is dropped when met
+        exact.l1.clear()
+        assert await sem.lookup(pvec, para, "small", None, 0.85) is None
+        assert len(sem.index) == 0
+        assert isinstance(vec, np.ndarray)
+    finally:
+        await sem.close()
+
+
+def test_onnxruntime_and_usearch_load_together() -> None:
+    # importing usearch before onnxruntime segfaults; proxy.semantic must fix the order itself
+    code = "import proxy.semantic; import proxy.embedder; import onnxruntime; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-500:]
