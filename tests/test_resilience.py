@@ -96,3 +96,57 @@ async def test_slots_return_after_errors_and_cancels(make_proxy, tiers, stream) 
     r = await client.chat.completions.create(model="auto", messages=MSG)
     assert r.choices[0].message.content
     assert p.proxy.tiers["small"].active == 0
+
+
+async def test_shadow_pairs_are_logged_never_served(make_proxy, tiers, tmp_path) -> None:
+    import orjson
+
+    log = tmp_path / "shadow.jsonl"
+    p = await make_proxy(router={"enabled": False, "shadow": ("small:large=1.0",),
+                                 "shadow_log": str(log)})
+    client = p.client()
+    r = await client.chat.completions.with_raw_response.create(model="auto", messages=MSG,
+                                                               stream=True)
+    text, _ = await collect(r.parse())
+    assert text.startswith("[small-8b]")  # the primary is served
+    for _ in range(100):
+        if log.exists() and log.read_bytes().count(b"\n") >= 1:
+            break
+        await asyncio.sleep(0.02)
+    rec = orjson.loads(log.read_bytes().splitlines()[0])
+    assert rec["primary_tier"] == "small" and rec["shadow_tier"] == "large"
+    assert rec["primary"]["text"] == text
+    assert rec["shadow"]["text"].startswith("[large-70b]")
+    assert rec["shadow"]["completion_tokens"] == 12 and rec["shadow"]["latency_ms"] > 0
+    assert tiers["large"].mock.requests == 1
+    assert p.metrics.ledger.summary()["tiers"]["large"]["upstream_calls"] == 1
+    # hits are not shadowed (nothing new was answered)
+    await client.chat.completions.create(model="auto", messages=MSG)
+    await asyncio.sleep(0.1)
+    assert tiers["large"].mock.requests == 1
+
+
+async def test_ab_split_diverts_a_fraction(make_proxy, tiers) -> None:
+    p = await make_proxy(router={"enabled": False, "split": ("small:medium=0.5",)})
+    client = p.client()
+    served = []
+    for i in range(40):
+        r = await client.chat.completions.with_raw_response.create(
+            model="auto", messages=[{"role": "user", "content": f"split {i}"}])
+        served.append(r.headers["x-route-tier"])
+        assert r.parse().choices[0].message.content.startswith(
+            "[small-8b]" if served[-1] == "small" else "[medium-32b]")
+    assert 8 <= served.count("medium") <= 32  # 50% +- generous noise (binomial, n=40)
+    # explicit model requests are never diverted
+    r = await client.chat.completions.with_raw_response.create(model="small-8b", messages=MSG)
+    assert r.headers["x-route-tier"] == "small"
+
+
+def test_split_and_shadow_config_errors() -> None:
+    from proxy.config import ConfigError, load_config
+
+    flags = ["small=http://a:1", "large=http://b:2"]
+    for field, value in (("split", "small:huge=0.1"), ("split", "small:large=2"),
+                         ("shadow", "small-large=0.1"), ("split", "small:large=x")):
+        with pytest.raises(ConfigError, match=f"router.{field}"):
+            load_config(env={}, overrides={"router": {field: (value,)}}, tier_flags=flags)
