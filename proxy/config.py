@@ -139,6 +139,10 @@ class SemanticConfig:
     )
     #: Snapshot file of the index (loaded at start, written at shutdown); empty = none.
     snapshot_path: str = ""
+    #: Seconds between periodic snapshots (0 = only at shutdown).
+    snapshot_interval_s: float = 0.0
+    #: With a Redis URL: share semantic entries with every sidecar through a Redis Stream.
+    shared: bool = True
 
 
 @dataclass(frozen=True, slots=True)

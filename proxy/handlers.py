@@ -98,16 +98,23 @@ class Proxy:
         await self.cache.close()
 
     async def purge_namespace(self, namespace: str) -> dict[str, int]:
-        """Drop a namespace from every layer of this proxy (and L2)."""
+        """Drop a namespace from every layer of this proxy, L2, and (shared mode) every
+        sidecar."""
         l1, l2 = await self.cache.purge_namespace(namespace)
-        sem = self.semantic.index.purge_namespace(namespace) if self.semantic is not None else 0
+        sem = 0
+        if self.semantic is not None:
+            sem = self.semantic.index.purge_namespace(namespace)
+            if self.semantic.shared is not None:
+                self.semantic.shared.publish_purge(namespace)
         return {"l1": l1, "l2": l2, "semantic": sem}
 
     async def purge_key(self, key: bytes, namespace: str) -> bool:
-        """Drop one exact key (and its semantic entry)."""
+        """Drop one exact key (and its semantic entry), everywhere."""
         found = await self.cache.delete(key, namespace)
         if self.semantic is not None:
             found = self.semantic.index.remove(key) or found
+            if self.semantic.shared is not None:
+                self.semantic.shared.publish_purge(namespace, key)
         return found
 
     # -- resolution ------------------------------------------------------------------------

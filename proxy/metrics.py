@@ -148,6 +148,14 @@ class Metrics:
                                         ["reason"], registry=r)
         self.route_decisions = Counter("edge_proxy_route_decisions",
                                        "Routed requests by chosen tier", ["tier"], registry=r)
+        self.shared_up = Gauge("edge_proxy_shared_stream_up",
+                               "1 while the shared semantic stream is being tailed", registry=r)
+        self.shared_lag = Histogram("edge_proxy_shared_propagation_seconds",
+                                    "From an entry's creation on one sidecar to its arrival here",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.shared_replay_seconds = Gauge("edge_proxy_shared_replay_seconds",
+                                           "Start-up replay time of the shared stream",
+                                           registry=r)
         self.shadow_pairs = Counter("edge_proxy_shadow_pairs", "Shadow calls logged",
                                     ["primary_tier", "shadow_tier"], registry=r)
         self.ledger = Ledger()

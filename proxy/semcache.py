@@ -24,6 +24,7 @@ from proxy.exact import ExactCache
 from proxy.keys import RequestKeys
 from proxy.metrics import Metrics
 from proxy.semantic import SemanticEntry, SemanticIndex, SnapshotError
+from proxy.shared import SharedIndex
 from proxy.verifier import Verifier
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,10 @@ class SemanticCache:
         self.ns_thresholds = namespace_thresholds(cfg)
         self.bypass = (re.compile("|".join(f"(?:{p})" for p in cfg.bypass_patterns), re.I)
                        if cfg.bypass_patterns else None)
+        # shared mode: entries travel between sidecars on a Redis Stream
+        self.shared = (SharedIndex(exact.cfg, cfg, self, metrics)
+                       if exact.cfg.redis_url and cfg.shared else None)
+        self._snapshotter: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.embedder.start()
@@ -64,10 +69,26 @@ class SemanticCache:
                     SemanticIndex.load, path, capacity=self.cfg.capacity, ttl_s=self.cfg.ttl_s,
                     brute_force_max=self.cfg.brute_force_max)
                 log.info("semantic index: %d entries from %s", len(self.index), path)
-            except (SnapshotError, OSError) as exc:
+            except (SnapshotError, OSError, ValueError) as exc:
                 log.error("semantic snapshot %s ignored: %s", path, exc)
+        if self.shared is not None:
+            await self.shared.start()
+        if path and self.cfg.snapshot_interval_s > 0:
+            self._snapshotter = asyncio.create_task(self._snapshot_loop())
+
+    async def _snapshot_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.snapshot_interval_s)
+            try:
+                self.snapshot()
+            except OSError as exc:
+                log.error("periodic semantic snapshot failed: %s", exc)
 
     async def close(self) -> None:
+        if self._snapshotter is not None:
+            self._snapshotter.cancel()
+        if self.shared is not None:
+            await self.shared.close()
         await self.embedder.close()
         if self.cfg.snapshot_path:
             try:
@@ -138,11 +159,14 @@ class SemanticCache:
         return None
 
     def add(self, vec: np.ndarray, keys: RequestKeys, namespace: str, tier: str) -> None:
-        """Index a stored answer under its query's vector."""
+        """Index a stored answer under its query's vector (and share it, in shared mode)."""
         now = time.time()
-        self.index.add(vec, SemanticEntry(key=keys.exact, scope=keys.scope, namespace=namespace,
-                                          query_text=keys.query_text, tier=tier, max_tokens=None,
-                                          created=now, expires=now + self.cfg.ttl_s))
+        entry = SemanticEntry(key=keys.exact, scope=keys.scope, namespace=namespace,
+                              query_text=keys.query_text, tier=tier, max_tokens=None,
+                              created=now, expires=now + self.cfg.ttl_s)
+        self.index.add(vec, entry)
+        if self.shared is not None:
+            self.shared.publish(vec, entry)
 
     def update_gauges(self) -> None:
         self.metrics.cache_entries.labels("semantic").set(len(self.index))
