@@ -39,6 +39,8 @@ MODEL_SHA256: Final = "7698c281d9fbc863f6532a48d4f3d264fcb2450e85f0c733774a78472
 MODEL_ENV: Final = "EDGE_PROXY_MODEL"
 TOKENIZER_ENV: Final = "EDGE_PROXY_TOKENIZER"
 _STOP: Final = object()
+#: Niceness of the embedding thread relative to the process (see Embedder._worker).
+WORKER_NICE: Final = 10
 
 
 def default_model_path() -> Path:
@@ -206,6 +208,10 @@ class Embedder:
     def _worker(self) -> None:
         loop = self._loop
         assert loop is not None
+        # Lower this thread's CPU priority (Linux: nice is per thread): when the event loop
+        # thread and the embedder want the same core, the loop (cache hits) goes first.
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICE)
         while True:
             item = self._queue.get()
             stop = item is _STOP
