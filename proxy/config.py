@@ -3,8 +3,10 @@
 Every knob, its default and its unit is a field below. Sections map to TOML tables
 (``[server]``, ``[cache]``, ``[semantic]``, ``[router]``, ``[tiers.NAME]``); an environment
 variable ``EDGE_PROXY_<SECTION>__<FIELD>`` overrides one field (``EDGE_PROXY_SERVER__PORT=8080``,
-``EDGE_PROXY_CACHE__REDIS_URL=redis://...``), and ``EDGE_PROXY_TIERS="small=http://h:9001,..."``
-sets tiers. Errors name the bad field (``ConfigError("cache.l1_max_bytes: expected int ...")``).
+``EDGE_PROXY_CACHE__REDIS_URL=redis://...``), and
+``EDGE_PROXY_TIERS="small=http://h:9001,http://h2:9001;large=http://h:9003"``
+sets tiers (``;`` between tiers, ``,`` between one tier's URLs). Errors name the bad field
+(``ConfigError("cache.l1_max_bytes: expected int ...")``).
 """
 
 from __future__ import annotations

@@ -358,6 +358,9 @@ class Proxy:
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
         self.cache.update_gauges()
+        for name, tier in self.tiers.items():
+            for ep in tier.endpoints:
+                self.metrics.breaker_open.labels(name, ep.url).set(ep.state != ep.CLOSED)
         if self.semantic is not None:
             self.semantic.update_gauges()
         return web.Response(body=self.metrics.render(),

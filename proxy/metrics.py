@@ -122,6 +122,9 @@ class Metrics:
                                        registry=r)
         self.upstream_inflight = Gauge("edge_proxy_upstream_in_flight",
                                        "Upstream requests in flight", ["tier"], registry=r)
+        self.breaker_open = Gauge("edge_proxy_upstream_breaker_open",
+                                  "1 while an endpoint's circuit breaker is open or half-open",
+                                  ["tier", "endpoint"], registry=r)
         self.tokens = Counter("edge_proxy_tokens", "Tokens billed by upstreams",
                               ["tier", "kind"], registry=r)
         self.cost_spent = Counter("edge_proxy_cost_spent_usd", "USD spent on upstream calls",
