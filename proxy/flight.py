@@ -29,6 +29,7 @@ import orjson
 from proxy.answer import CachedAnswer, StreamAssembler, is_complete, usage_of
 from proxy.errors import ProxyError, upstream_timeout, upstream_unavailable
 from proxy.metrics import Metrics
+from proxy.tokens import completion_text, count_tokens, prompt_text
 from proxy.upstream import OpenResponse, TierClient, UpstreamFailure
 
 log = logging.getLogger(__name__)
@@ -194,8 +195,17 @@ class Flight:
         self.done = True
         self._notify()
 
+    def _usage(self, obj: dict[str, Any], pt: int, ct: int) -> tuple[int, int]:
+        """The upstream's usage, or a count with the tokenizer when it sent none."""
+        if pt or ct:
+            return pt, ct
+        self.metrics.usage_estimated.inc()
+        return (count_tokens(prompt_text(self.endpoint, self.payload)),
+                count_tokens(completion_text(self.endpoint, obj)))
+
     def _complete(self, obj: dict[str, Any], raw: bytes | None, pt: int, ct: int) -> None:
         assert self.tier is not None
+        pt, ct = self._usage(obj, pt, ct)
         self.metrics.spend(self.tier.cfg, self.namespace, pt, ct)
         if is_complete(obj):
             body = raw if raw is not None else orjson.dumps(obj)
@@ -254,6 +264,7 @@ class Flight:
         if asm.cacheable:
             self._complete(asm.body(), None, pt, ct)
         else:
+            pt, ct = self._usage(asm.body(), pt, ct)
             self.metrics.spend(self.tier.cfg, self.namespace, pt, ct)
             self.metrics.cache_skips.labels("not_cacheable").inc()
         self.done = True

@@ -125,6 +125,9 @@ class Metrics:
         self.breaker_open = Gauge("edge_proxy_upstream_breaker_open",
                                   "1 while an endpoint's circuit breaker is open or half-open",
                                   ["tier", "endpoint"], registry=r)
+        self.usage_estimated = Counter("edge_proxy_usage_estimated",
+                                       "Upstream answers without usage, counted by tokenizer",
+                                       registry=r)
         self.tokens = Counter("edge_proxy_tokens", "Tokens billed by upstreams",
                               ["tier", "kind"], registry=r)
         self.cost_spent = Counter("edge_proxy_cost_spent_usd", "USD spent on upstream calls",

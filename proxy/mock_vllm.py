@@ -14,6 +14,7 @@ until reset with ``{}``):
   malformed:   streamed: send a non-JSON ``data:`` line after the first chunk
   tpot_ms:     time per output token for the faulty requests
   content_type: serve JSON with this content-type instead
+  no_usage:    send no usage (JSON without "usage", streams without the usage chunk)
 """
 
 from __future__ import annotations
@@ -190,7 +191,7 @@ class MockVLLM:
             self.completed += 1
             return web.Response(body=orjson.dumps({
                 "id": rid, "object": obj, "created": created, "model": self.model,
-                "choices": [choice], "usage": usage}),
+                "choices": [choice], **({} if fault.get("no_usage") else {"usage": usage})}),
                 content_type=fault.get("content_type", "application/json"))
         return await self._stream(request, endpoint, body, words, finish, usage, rid, created,
                                   tpot, fault)
@@ -237,7 +238,7 @@ class MockVLLM:
                 choice["stop_reason"] = None
             await resp.write(frame(choice))
         opts = body.get("stream_options") or {}
-        if opts.get("include_usage"):
+        if opts.get("include_usage") and not fault.get("no_usage"):
             await resp.write(frame(None, {"usage": usage}))
         await resp.write(b"data: [DONE]\n\n")
         self.completed += 1

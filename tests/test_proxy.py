@@ -319,3 +319,56 @@ async def test_unknown_route_and_wrong_method(make_proxy) -> None:
             assert "POST" in r.headers["Allow"]
         async with s.post(p.url + "/v2/whatever", json={}) as r:
             assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_missing_usage_is_counted_with_the_tokenizer(make_proxy, tiers, stream) -> None:
+    p = await make_proxy()
+    await set_faults(tiers["small"], no_usage=True, count=1)
+    if stream:
+        text, _ = await collect(await p.client().chat.completions.create(
+            model="auto", messages=MSG, stream=True))
+    else:
+        text = (await p.client().chat.completions.create(model="auto", messages=MSG)
+                ).choices[0].message.content
+    led = p.metrics.ledger
+    # the WordPiece count of the 12-word reply, e.g. "[small-8b]" is several tokens
+    assert led.tokens_out["small"] >= 12 and led.tokens_in["small"] >= 7
+    assert led.spent["small"] > 0
+    r = await p.client().chat.completions.with_raw_response.create(model="auto", messages=MSG)
+    assert r.headers["x-cache"] == "hit-exact" and text
+
+
+async def test_twenty_identical_streams_one_upstream_call(make_proxy, tiers) -> None:
+    await set_faults(tiers["small"], tpot_ms=10, count=-1)
+    p = await make_proxy()
+    client = p.client()
+    async def one():  # type: ignore[no-untyped-def]
+        return await collect(await client.chat.completions.create(
+            model="auto", messages=MSG, stream=True, stream_options={"include_usage": True}))
+
+    results = await asyncio.gather(*(one() for _ in range(20)))
+    texts = {t for t, _ in results}
+    assert len(texts) == 1 and next(iter(texts)).startswith("[small-8b]")
+    assert all(chunks[-1].usage.completion_tokens == 12 for _, chunks in results)
+    assert await mock_requests(tiers["small"]) == 1
+
+
+async def test_every_follower_gets_the_upstream_error(make_proxy, tiers) -> None:
+    await set_faults(tiers["small"], cut_after=4, tpot_ms=10, count=1)
+    p = await make_proxy()
+    client = p.client()
+
+    async def one():  # type: ignore[no-untyped-def]
+        try:
+            await collect(await client.chat.completions.create(model="auto", messages=MSG,
+                                                               stream=True))
+        except openai.APIError as exc:
+            return exc
+        return None
+
+    errors = await asyncio.gather(*(one() for _ in range(5)))
+    assert all(isinstance(e, openai.APIError) for e in errors)
+    assert await mock_requests(tiers["small"]) == 1
+    r = await client.chat.completions.with_raw_response.create(model="auto", messages=MSG)
+    assert r.headers["x-cache"] == "miss"  # nothing of the cut stream was stored
