@@ -103,6 +103,8 @@ class CacheConfig:
     l1_ttl_s: float = 3600.0
     #: Redis URL for the shared L2; empty = in-process cache only.
     redis_url: str = ""
+    #: The Redis URL is one node of a Redis Cluster (the client discovers the others).
+    redis_cluster: bool = False
     #: Seconds an L2 entry lives.
     redis_ttl_s: int = 86_400
     #: Seconds a Redis command may take before the request goes on without it.

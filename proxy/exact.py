@@ -14,6 +14,7 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -25,6 +26,21 @@ from proxy.config import CacheConfig
 from proxy.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+
+def redis_client(cfg: CacheConfig, socket_timeout: float, socket_connect_timeout: float
+                 ) -> Any:
+    """A Redis client for ``cache.redis_url``: one server, or a Redis Cluster
+    (``cache.redis_cluster``). No retries: a failed read falls through to the upstream, which is
+    the retry, and a failed write is only a colder cache."""
+    if cfg.redis_cluster:
+        from redis.asyncio.cluster import RedisCluster
+
+        return RedisCluster.from_url(cfg.redis_url, socket_timeout=socket_timeout,
+                                     socket_connect_timeout=socket_connect_timeout)
+    return aioredis.Redis.from_url(cfg.redis_url, socket_timeout=socket_timeout,
+                                   socket_connect_timeout=socket_connect_timeout,
+                                   retry=Retry(NoBackoff(), 0), health_check_interval=0)
 
 
 def ns_tag(namespace: str) -> bytes:
@@ -104,11 +120,8 @@ class RedisL2:
         self.cfg = cfg
         self.metrics = metrics
         self.prefix = cfg.redis_prefix.encode() + b"x:"
-        # No retries: a failed GET falls through to the upstream, which is the retry.
-        self.client = aioredis.Redis.from_url(
-            cfg.redis_url, socket_timeout=cfg.redis_timeout_s,
-            socket_connect_timeout=max(cfg.redis_timeout_s, 0.5), retry=Retry(NoBackoff(), 0),
-            health_check_interval=0)
+        self.client = redis_client(cfg, socket_timeout=cfg.redis_timeout_s,
+                                   socket_connect_timeout=max(cfg.redis_timeout_s, 0.5))
         self.up = False
         self._probe: asyncio.Task[None] | None = None
         self._writes: set[asyncio.Task[None]] = set()

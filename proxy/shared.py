@@ -25,13 +25,10 @@ import time
 from typing import Any, Final
 
 import numpy as np
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from proxy.config import CacheConfig, SemanticConfig
-from proxy.exact import ns_tag
+from proxy.exact import ns_tag, redis_client
 from proxy.metrics import Metrics
 from proxy.semantic import SemanticEntry
 
@@ -59,9 +56,8 @@ class SharedIndex:
         self.origin = os.urandom(8).hex().encode()
         # Its own client: XREAD BLOCK needs a socket timeout longer than the block, the hot
         # path's client has a short one.
-        self.client = aioredis.Redis.from_url(
-            cache_cfg.redis_url, socket_timeout=BLOCK_MS / 1000 + 2, socket_connect_timeout=1.0,
-            retry=Retry(NoBackoff(), 0))
+        self.client = redis_client(cache_cfg, socket_timeout=BLOCK_MS / 1000 + 2,
+                                   socket_connect_timeout=1.0)
         self.last_id = b"0-0"
         self.up = False
         self.applied = 0

@@ -189,3 +189,76 @@ def run_cli(*args: str, env: dict[str, str] | None = None, **kw: Any) -> subproc
     e = {**os.environ, **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "proxy", *args], env=e, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+
+
+def _free_port_pair() -> int:
+    """A free port P below 55535 whose cluster bus port P + 10000 is free too."""
+    import random
+
+    for _ in range(200):
+        port = random.randint(20000, 45000)
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair")
+
+
+class RedisClusterNodes:
+    """Three redis-server processes joined into a Redis Cluster (no replicas) on free ports."""
+
+    def __init__(self) -> None:
+        self.nodes = [RedisServer() for _ in range(3)]
+        for n in self.nodes:  # the cluster bus listens on port + 10000: keep both valid
+            n.port = _free_port_pair()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.nodes[0].port}"
+
+    def start(self) -> None:
+        for n in self.nodes:
+            assert n.binary is not None
+            n.proc = subprocess.Popen(
+                [n.binary, "--port", str(n.port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--dir", n.dir, "--cluster-enabled", "yes",
+                 "--cluster-config-file", os.path.join(n.dir, "nodes.conf")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for n in self.nodes:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                with contextlib.suppress(OSError), socket.create_connection(
+                        ("127.0.0.1", n.port), timeout=0.2):
+                    break
+                time.sleep(0.05)
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            pytest.skip("redis-cli not found: cannot create a local Redis Cluster")
+        subprocess.run([cli, "--cluster", "create",
+                        *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                        "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=30)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            out = subprocess.run([cli, "-p", str(self.nodes[0].port), "cluster", "info"],
+                                 capture_output=True, text=True).stdout
+            if "cluster_state:ok" in out:
+                return
+            time.sleep(0.1)
+        raise RuntimeError("redis cluster did not become ok")
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.stop()
+            shutil.rmtree(n.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterNodes]:
+    cluster = RedisClusterNodes()
+    cluster.start()
+    yield cluster
+    cluster.stop()

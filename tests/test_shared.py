@@ -128,3 +128,33 @@ async def test_tailer_survives_redis_restart(make_proxy, tiers, redis_prefix) ->
         assert len(b.proxy.semantic.index) == 1  # the entry published after the restart
     finally:
         server.stop()
+
+
+async def test_shared_mode_on_a_redis_cluster(make_proxy, tiers, redis_cluster,
+                                              redis_prefix) -> None:
+    cfg = {"cache": {"redis_url": redis_cluster.url, "redis_cluster": True,
+                     "redis_prefix": redis_prefix, "redis_timeout_s": 0.5},
+           "server": {"admin_token": "adm"}}
+    a, b = await make_proxy(**cfg), await make_proxy(**cfg)
+    assert a.proxy.cache.l2.up and b.proxy.cache.l2.up
+    ca, cb = a.client(api_key="sk-c"), b.client(api_key="sk-c")
+    first = await ca.chat.completions.create(model="auto", messages=Q1)
+    for _ in range(200):
+        if len(b.proxy.semantic.index):
+            break
+        await asyncio.sleep(0.01)
+    r = await cb.chat.completions.with_raw_response.create(model="auto", messages=Q1)
+    assert r.headers["x-cache"] == "hit-exact"  # L2 through the cluster
+    r = await cb.chat.completions.with_raw_response.create(model="auto", messages=Q2)
+    assert r.headers["x-cache"] == "hit-semantic"  # the stream through the cluster
+    assert r.parse().choices[0].message.content == first.choices[0].message.content
+    ns = next(iter(a.proxy.semantic.index._slots.values())).entry.namespace
+    async with aiohttp.ClientSession() as s, s.post(a.url + "/admin/purge", headers=ADMIN,
+                                                    json={"namespace": ns}) as resp:
+        purged = (await resp.json())["purged"]
+    assert purged["l2"] >= 1  # SCAN reached the node holding the key
+    for _ in range(200):
+        if not len(b.proxy.semantic.index):
+            break
+        await asyncio.sleep(0.01)
+    assert len(b.proxy.semantic.index) == 0
