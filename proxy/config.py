@@ -103,6 +103,8 @@ class CacheConfig:
     l1_ttl_s: float = 3600.0
     #: Redis URL for the shared L2; empty = in-process cache only.
     redis_url: str = ""
+    #: Connections in the Redis pool (lookups; writes are batched on one).
+    redis_max_connections: int = 256
     #: The Redis URL is one node of a Redis Cluster (the client discovers the others).
     redis_cluster: bool = False
     #: Seconds an L2 entry lives.

@@ -14,12 +14,13 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import MaxConnectionsError, RedisError
 
 from proxy.answer import CachedAnswer
 from proxy.config import CacheConfig
@@ -37,10 +38,49 @@ def redis_client(cfg: CacheConfig, socket_timeout: float, socket_connect_timeout
         from redis.asyncio.cluster import RedisCluster
 
         return RedisCluster.from_url(cfg.redis_url, socket_timeout=socket_timeout,
-                                     socket_connect_timeout=socket_connect_timeout)
+                                     socket_connect_timeout=socket_connect_timeout,
+                                     max_connections=cfg.redis_max_connections)
     return aioredis.Redis.from_url(cfg.redis_url, socket_timeout=socket_timeout,
                                    socket_connect_timeout=socket_connect_timeout,
-                                   retry=Retry(NoBackoff(), 0), health_check_interval=0)
+                                   retry=Retry(NoBackoff(), 0), health_check_interval=0,
+                                   max_connections=cfg.redis_max_connections)
+
+
+class PipelineWriter:
+    """Fire-and-forget Redis writes, batched: one task drains everything queued into one
+    pipeline, so a burst of stores takes one connection and one round trip instead of one each
+    (and cannot exhaust the connection pool the lookups need)."""
+
+    MAX_BATCH = 1000
+
+    def __init__(self, client: Any, on_error: Callable[[BaseException], None]) -> None:
+        self.client = client
+        self.on_error = on_error
+        self.pending: list[Callable[[Any], None]] = []
+        self.task: asyncio.Task[None] | None = None
+
+    def submit(self, op: Callable[[Any], None]) -> None:
+        """Queue ``op(pipeline)``; it runs with the next batch."""
+        self.pending.append(op)
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        while self.pending:
+            ops = self.pending[:self.MAX_BATCH]
+            del self.pending[:self.MAX_BATCH]
+            try:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for op in ops:
+                        op(pipe)
+                    await pipe.execute()
+            except (RedisError, OSError, asyncio.TimeoutError) as exc:
+                self.on_error(exc)
+
+    async def flush(self, timeout: float = 1.0) -> None:
+        """Wait (briefly) for queued writes."""
+        if self.task is not None and not self.task.done():
+            await asyncio.wait([self.task], timeout=timeout)
 
 
 def ns_tag(namespace: str) -> bytes:
@@ -124,7 +164,7 @@ class RedisL2:
                                    socket_connect_timeout=max(cfg.redis_timeout_s, 0.5))
         self.up = False
         self._probe: asyncio.Task[None] | None = None
-        self._writes: set[asyncio.Task[None]] = set()
+        self.writer = PipelineWriter(self.client, lambda exc: self._mark_down("set"))
         self._closed = False
 
     async def start(self) -> None:
@@ -171,25 +211,22 @@ class RedisL2:
             return None
         try:
             raw = await self.client.get(self.rkey(key, namespace))
+        except MaxConnectionsError:
+            # every pooled connection busy: Redis is fine, this lookup goes on without it
+            self.metrics.redis_errors.labels("pool_exhausted").inc()
+            return None
         except (RedisError, OSError, asyncio.TimeoutError):
             self._mark_down("get")
             return None
         return CachedAnswer.loads(raw) if raw else None
 
     def put(self, key: bytes, answer: CachedAnswer, namespace: str) -> None:
-        """Store in the background; the caller does not wait."""
+        """Store in the background (batched); the caller does not wait."""
         if not self.up:
             return
-        task = asyncio.create_task(self._put(self.rkey(key, namespace), answer.dumps()))
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
-
-    async def _put(self, rkey: bytes, raw: bytes) -> None:
-        try:
-            await self.client.set(rkey, raw, ex=self.cfg.redis_ttl_s)
-            self.metrics.cache_stores.labels("l2").inc()
-        except (RedisError, OSError, asyncio.TimeoutError):
-            self._mark_down("set")
+        rkey, raw, ttl = self.rkey(key, namespace), answer.dumps(), self.cfg.redis_ttl_s
+        self.writer.submit(lambda pipe: pipe.set(rkey, raw, ex=ttl))
+        self.metrics.cache_stores.labels("l2").inc()
 
     async def delete(self, key: bytes, namespace: str) -> bool:
         if self.up:
@@ -221,8 +258,7 @@ class RedisL2:
     async def close(self) -> None:
         """Finish pending writes (briefly), stop probing, close connections."""
         self._closed = True
-        if self._writes:
-            await asyncio.wait(list(self._writes), timeout=1.0)
+        await self.writer.flush()
         if self._probe is not None:
             self._probe.cancel()
             with contextlib.suppress(asyncio.CancelledError):

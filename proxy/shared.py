@@ -28,7 +28,7 @@ import numpy as np
 from redis.exceptions import RedisError
 
 from proxy.config import CacheConfig, SemanticConfig
-from proxy.exact import ns_tag, redis_client
+from proxy.exact import PipelineWriter, ns_tag, redis_client
 from proxy.metrics import Metrics
 from proxy.semantic import SemanticEntry
 
@@ -63,6 +63,7 @@ class SharedIndex:
         self.applied = 0
         self._tail: asyncio.Task[None] | None = None
         self._writes: set[asyncio.Task[None]] = set()
+        self.writer = PipelineWriter(self.client, self._write_failed)
         self._closed = False
 
     # -- start: replay ------------------------------------------------------------------------
@@ -185,14 +186,18 @@ class SharedIndex:
                   b"e": repr(entry.expires).encode(),
                   b"v": np.asarray(vec, dtype=np.float16).tobytes()}
         key = self.prefix + b"s:" + ns_tag(entry.namespace) + b":" + entry.key
-        self._bg(self._publish(key, fields))
+        stream, ttl, maxlen = self.stream, self.ttl_s, self.maxlen
 
-    async def _publish(self, key: bytes, fields: dict[bytes, bytes]) -> None:
-        async with self.client.pipeline(transaction=False) as pipe:
+        def write(pipe: Any) -> None:
             pipe.hset(key, mapping=fields)
-            pipe.expire(key, self.ttl_s)
-            pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
-            await pipe.execute()
+            pipe.expire(key, ttl)
+            pipe.xadd(stream, fields, maxlen=maxlen, approximate=True)
+
+        self.writer.submit(write)
+
+    def _write_failed(self, exc: BaseException) -> None:
+        self.metrics.redis_errors.labels("stream").inc()
+        log.debug("shared index: write failed: %s", exc)
 
     def publish_purge(self, namespace: str, key: bytes | None = None) -> None:
         """Announce a purge so every sidecar applies it (and replays apply it in order)."""
@@ -226,6 +231,7 @@ class SharedIndex:
 
     async def close(self) -> None:
         self._closed = True
+        await self.writer.flush()
         if self._writes:
             await asyncio.wait(list(self._writes), timeout=1.0)
         if self._tail is not None:

@@ -1,0 +1,114 @@
+"""Start-up time of a sidecar that replays N shared semantic entries from the Redis Stream.
+
+    python benchmarks/replay_startup.py [--entries 100000] [--scopes 1000]
+
+Starts a private redis-server, publishes N entries the way a sidecar does (HSET + XADD with the
+f16 vector, in pipelines), then times what a new sidecar does before it reports ready: XRANGE in
+batches and bulk-add into its index. Prints entries/s, seconds and the index's memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from proxy.config import CacheConfig, SemanticConfig  # noqa: E402
+from proxy.exact import ExactCache  # noqa: E402
+from proxy.metrics import Metrics  # noqa: E402
+from proxy.semantic import SemanticEntry, SemanticIndex  # noqa: E402
+from proxy.shared import SharedIndex  # noqa: E402
+
+
+class _Holder:
+    """What SharedIndex needs of a SemanticCache: the index and the exact cache."""
+
+    def __init__(self, index: SemanticIndex, exact: ExactCache) -> None:
+        self.index = index
+        self.exact = exact
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def main_async(n: int, scopes: int) -> dict[str, float]:
+    port = free_port()
+    tmp = tempfile.mkdtemp()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly",
+                             "no", "--dir", tmp], stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        url = f"redis://127.0.0.1:{port}/0"
+        cache_cfg = CacheConfig(redis_url=url, redis_prefix="bench:")
+        sem_cfg = SemanticConfig(capacity=max(n, 1000))
+        metrics = Metrics()
+        pub = SharedIndex(cache_cfg, sem_cfg, _Holder(SemanticIndex(capacity=n),
+                                                      ExactCache(cache_cfg, metrics)), metrics)
+        rng = np.random.default_rng(0)
+        scope_ids = [os.urandom(16) for _ in range(scopes)]
+        t0 = time.perf_counter()
+        now = time.time()
+        for start in range(0, n, 2000):
+            vecs = rng.standard_normal((min(2000, n - start), 384)).astype(np.float32)
+            vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+            for i, v in enumerate(vecs):
+                j = start + i
+                entry = SemanticEntry(key=j.to_bytes(16, "big"), scope=scope_ids[j % scopes],
+                                      namespace=f"ns{j % scopes}",
+                                      query_text=f"synthetic question number {j}?", tier="small",
+                                      max_tokens=None, created=now, expires=now + 86_400)
+                pub.publish(v, entry)
+            await pub.writer.flush(timeout=60)
+        fill = time.perf_counter() - t0
+        await pub.close()
+
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        sub = SharedIndex(cache_cfg, sem_cfg, _Holder(SemanticIndex(capacity=n),
+                                                      ExactCache(cache_cfg, metrics)), metrics)
+        t0 = time.perf_counter()
+        await sub.start()
+        replay = time.perf_counter() - t0
+        size = len(sub.semcache.index)
+        mem = sub.semcache.index.memory_bytes()
+        await sub.close()
+        rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return {"entries": n, "scopes": scopes, "indexed": size, "fill_s": round(fill, 2),
+                "replay_s": round(replay, 2), "replay_entries_per_s": round(size / replay),
+                "index_memory_bytes": mem, "max_rss_growth_mb": round((rss1 - rss0) / 1024, 1)}
+    finally:
+        proc.terminate()
+        proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--entries", type=int, default=100_000)
+    ap.add_argument("--scopes", type=int, default=1000)
+    args = ap.parse_args()
+    result = asyncio.run(main_async(args.entries, args.scopes))
+    print(json.dumps(result, indent=2))
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "replay_startup.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
