@@ -87,6 +87,8 @@ class ServerConfig:
     #: Event loop: "uvloop" or "asyncio".
     loop: str = "uvloop"
     log_level: str = "info"
+    #: One JSON line per request on the "edge_proxy.access" logger.
+    access_log: bool = False
     #: Bearer token for /admin/*; empty disables the admin API.
     admin_token: str = ""
 

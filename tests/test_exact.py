@@ -160,3 +160,25 @@ async def test_two_proxy_processes_share_one_redis(tiers, redis_url, redis_prefi
         for proc in procs:
             proc.terminate()
             proc.wait(10)
+
+
+async def test_json_access_log_never_shows_the_api_key(tiers) -> None:
+    import json
+
+    port = free_port()
+    proc = run_cli("serve", "--port", str(port), "--tier", f"small={tiers['small'].url}",
+                   env={"EDGE_PROXY_SERVER__ACCESS_LOG": "true"})
+    try:
+        await wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1",
+                                    api_key="sk-very-secret-key", max_retries=0)
+        await client.chat.completions.create(model="auto", messages=MSG)
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=10)[0].decode()
+    lines = [json.loads(line.split("edge_proxy.access: ", 1)[1]) for line in out.splitlines()
+             if "edge_proxy.access: " in line]
+    chat = [e for e in lines if e["path"] == "/v1/chat/completions"]
+    assert chat and chat[0]["status"] == 200 and chat[0]["cache"] == "miss"
+    assert chat[0]["tier"] == "small" and chat[0]["ms"] > 0
+    assert "sk-very-secret-key" not in out
