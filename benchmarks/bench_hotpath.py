@@ -1,0 +1,217 @@
+"""The hot path's small steps: L1 get/set, a Redis GET, SSE replay of a cached answer, and
+parse + validate of a request body.
+
+    pytest benchmarks/bench_hotpath.py --benchmark-only --benchmark-columns=min,median,mean,ops
+
+The Redis benchmarks start their own redis-server on a free port (skipped without one on PATH)
+and time batches of ``REDIS_BATCH`` sequential GETs in one event-loop turn (one
+``run_until_complete`` per batch): per-GET time = the reported time / REDIS_BATCH. On a box shared
+with other CPU jobs, read ``min``: it is the cost without interference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+
+import orjson
+import pytest
+import uvloop
+
+from proxy.answer import CachedAnswer
+from proxy.config import CacheConfig, ServerConfig
+from proxy.exact import L1Cache, RedisL2
+from proxy.keys import CHAT
+from proxy.metrics import Metrics
+from proxy.validate import parse_json, validate
+
+N_ENTRIES = 100_000
+REDIS_BATCH = 100
+
+WORDS = ("the answer is clear model token cache vector tier proxy stream quick brown fox jumps "
+         "over lazy dog edge fast light cost query reply data value result simple more less")
+ANSWER_BODY = orjson.dumps({
+    "id": "chatcmpl-0123456789abcdef", "object": "chat.completion", "created": 1700000000,
+    "model": "small-8b",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": " ".join(
+        WORDS.split()[i % 30] for i in range(40)), "tool_calls": []},
+        "logprobs": None, "finish_reason": "stop", "stop_reason": None}],
+    "usage": {"prompt_tokens": 12, "completion_tokens": 40, "total_tokens": 52}})
+
+SHORT_REQ = orjson.dumps({"model": "auto", "messages": [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "How do I reset my password?"}]})
+LONG_REQ = orjson.dumps({
+    "model": "auto", "temperature": 0.7, "top_p": 0.9, "max_tokens": 512, "stream": True,
+    "tools": [{"type": "function", "function": {"name": f"tool_{i}", "parameters": {
+        "type": "object", "properties": {"q": {"type": "string"}}}}} for i in range(4)],
+    "messages": [{"role": "system", "content": "You are a helpful assistant. " * 20}]
+    + [{"role": r, "content": f"turn {i}: " + "some earlier conversation text " * 10}
+       for i, r in zip(range(10), ["user", "assistant"] * 5, strict=True)]
+    + [{"role": "user", "content": "And what about the last question?"}]})
+
+
+def answer() -> CachedAnswer:
+    return CachedAnswer(CHAT, ANSWER_BODY, "small", 12, 40)
+
+
+def key(i: int) -> bytes:
+    return i.to_bytes(16, "big")
+
+
+# -- L1 ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def full_l1() -> L1Cache:
+    """An L1 at its default entry bound, full."""
+    l1 = L1Cache(max_bytes=1 << 40, max_entries=N_ENTRIES, ttl_s=3600)
+    a = answer()
+    now = time.monotonic()
+    for i in range(N_ENTRIES):
+        l1.set(key(i), a, now)
+    return l1
+
+
+def test_l1_get_hit(benchmark, full_l1: L1Cache) -> None:  # type: ignore[no-untyped-def]
+    k, now = key(N_ENTRIES // 2), time.monotonic()
+    assert benchmark(full_l1.get, k, now) is not None
+
+
+def test_l1_get_miss(benchmark, full_l1: L1Cache) -> None:  # type: ignore[no-untyped-def]
+    k, now = key(N_ENTRIES + 1), time.monotonic()
+    assert benchmark(full_l1.get, k, now) is None
+
+
+def test_l1_set_evicting(benchmark, full_l1: L1Cache) -> None:  # type: ignore[no-untyped-def]
+    """A new key into the full LRU: insert + evict the oldest."""
+    a, now = answer(), time.monotonic()
+    counter = iter(range(N_ENTRIES, 1 << 60))
+    benchmark(lambda: full_l1.set(key(next(counter)), a, now))
+    assert len(full_l1) == N_ENTRIES
+
+
+# -- Redis ------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    """A private redis-server (no persistence) for this module."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server not on PATH")
+    port, tmp = _free_port(), tempfile.mkdtemp(prefix="bench-redis-")
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", tmp],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            pytest.fail("redis-server did not start")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    lp = uvloop.new_event_loop()
+    yield lp
+    lp.close()
+
+
+@pytest.fixture(scope="module")
+def l2(redis_url: str, loop: asyncio.AbstractEventLoop) -> Iterator[RedisL2]:
+    """The proxy's RedisL2 (redis.asyncio + hiredis), with one stored answer."""
+    cfg = CacheConfig(redis_url=redis_url, redis_timeout_s=1.0)
+    store = RedisL2(cfg, Metrics())
+    loop.run_until_complete(store.start())
+    assert store.up
+    loop.run_until_complete(store.client.set(store.rkey(key(1), "ns"), answer().dumps()))
+    yield store
+    loop.run_until_complete(store.close())
+
+
+def test_redis_raw_get_x100(benchmark, l2: RedisL2,  # type: ignore[no-untyped-def]
+                            loop: asyncio.AbstractEventLoop) -> None:
+    """100 sequential redis.asyncio GETs of a stored answer (bytes only)."""
+    rkey = l2.rkey(key(1), "ns")
+
+    async def batch() -> bytes | None:
+        raw = None
+        for _ in range(REDIS_BATCH):
+            raw = await l2.client.get(rkey)
+        return raw
+
+    raw = benchmark(lambda: loop.run_until_complete(batch()))
+    assert raw is not None
+    benchmark.extra_info["ops_per_round"] = REDIS_BATCH
+
+
+def test_l2_get_x100(benchmark, l2: RedisL2,  # type: ignore[no-untyped-def]
+                     loop: asyncio.AbstractEventLoop) -> None:
+    """100 sequential RedisL2.get: GET + parse into a CachedAnswer, as a request does."""
+
+    async def batch() -> CachedAnswer | None:
+        a = None
+        for _ in range(REDIS_BATCH):
+            a = await l2.get(key(1), "ns")
+        return a
+
+    got = benchmark(lambda: loop.run_until_complete(batch()))
+    assert got is not None and got.body == ANSWER_BODY
+    benchmark.extra_info["ops_per_round"] = REDIS_BATCH
+
+
+# -- SSE replay -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("include_usage", [False, True], ids=["plain", "usage"])
+def test_sse_build(benchmark, include_usage: bool) -> None:  # type: ignore[no-untyped-def]
+    """First replay of an entry: decode the stored JSON, build the SSE frames."""
+    out = benchmark.pedantic(lambda a: a.sse(include_usage), setup=lambda: ((answer(),), {}),
+                             rounds=3000, warmup_rounds=50)
+    assert out.endswith(b"data: [DONE]\n\n")
+
+
+def test_sse_cached(benchmark) -> None:  # type: ignore[no-untyped-def]
+    """Every later replay of the same entry: the bytes built the first time."""
+    a = answer()
+    a.sse(False)
+    assert benchmark(a.sse, False).endswith(b"data: [DONE]\n\n")
+
+
+# -- parse + validate -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw", [SHORT_REQ, LONG_REQ], ids=["short", "long"])
+def test_parse_validate(benchmark, raw: bytes) -> None:  # type: ignore[no-untyped-def]
+    cfg = ServerConfig()
+
+    def step() -> dict[str, object]:
+        body = parse_json(raw)
+        validate(body, CHAT, cfg)
+        return body
+
+    assert benchmark(step)["model"] == "auto"
