@@ -7,6 +7,7 @@ The HTTP layer stays thin: caching is exact.py, upstream calls are flight.py/ups
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import time
@@ -37,8 +38,14 @@ SSE_HEADERS: Final = {"Content-Type": "text/event-stream", "Cache-Control": "no-
 _DONE: Final = b"data: [DONE]\n\n"
 
 
+_RID_PREFIX: Final = os.urandom(6).hex()
+_rid_counter = itertools.count(1)
+
+
 def _request_id(request: web.Request) -> str:
-    return request.headers.get("x-request-id") or os.urandom(12).hex()
+    """The client's x-request-id, else this process's random prefix + a counter: unique across
+    sidecars, and a third of the cost of 12 random bytes per request."""
+    return request.headers.get("x-request-id") or f"{_RID_PREFIX}{next(_rid_counter):010x}"
 
 
 def _cache_directives(request: web.Request) -> tuple[bool, bool]:
