@@ -69,7 +69,7 @@ def model_not_found(model: str) -> ProxyError:
     """404: no tier serves this model."""
     return ProxyError(
         404,
-        f"The model `{model}` does not exist or is not served by this proxy.",
+        f"The model `{model[:100]}` does not exist or is not served by this proxy.",
         param="model",
         code="model_not_found",
     )

@@ -84,8 +84,10 @@ class PipelineWriter:
 
 
 def ns_tag(namespace: str) -> bytes:
-    """A short, fixed-size tag of a namespace for Redis key names (never the namespace itself,
-    which may hold an API-key hash or a customer name)."""
+    """A short, fixed-size tag of a namespace for Redis key names: bounded key length whatever
+    the x-cache-namespace header says, and SCAN patterns free of glob characters. (The shared
+    stream carries the namespace itself, which receivers need to scope entries; it is a tenant
+    label or a hash of an API key, never the key.)"""
     return hashlib.blake2b(namespace.encode("utf-8", "replace"), digest_size=6).hexdigest().encode()
 
 

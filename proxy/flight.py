@@ -148,8 +148,11 @@ class Flight:
         """Open on ``tier`` and read up to the first event (stream) or the body (JSON), within
         the first-token timeout: until then, failing over to another tier is still possible."""
         opened: OpenResponse | None = None
+        # vLLM sends a JSON answer's headers only when the whole answer is done: a non-streamed
+        # request is bounded by the total timeout, a stream by the first-token one.
+        limit = tier.cfg.first_token_timeout_s if self.stream else tier.cfg.total_timeout_s
         try:
-            async with asyncio.timeout(tier.cfg.first_token_timeout_s):
+            async with asyncio.timeout(limit):
                 opened = await tier.open(PATHS[self.endpoint], self.payload, self.stream)
                 if self.stream:
                     first = await _next_event(opened.resp)
@@ -167,8 +170,8 @@ class Flight:
             if opened is not None:
                 opened.close(ok=False)
             raise UpstreamFailure(upstream_timeout(
-                f"tier {tier.name}: no first token within {tier.cfg.first_token_timeout_s} s"),
-                "timeout") from None
+                f"tier {tier.name}: no {'first token' if self.stream else 'answer'} within "
+                f"{limit} s"), "timeout") from None
         except (aiohttp.ClientError, OSError) as exc:
             if opened is not None:
                 opened.close(ok=False)

@@ -168,6 +168,8 @@ class Proxy:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise payload_too_large(server_cfg.max_body_bytes) from None
+        if len(raw) > server_cfg.max_body_bytes:  # a chunked body has no Content-Length
+            raise payload_too_large(server_cfg.max_body_bytes)
         body = parse_json(raw)
         validate(body, endpoint, server_cfg)
         model: str = body["model"]

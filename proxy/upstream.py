@@ -123,6 +123,11 @@ class TierClient:
         timeout = aiohttp.ClientTimeout(total=self.cfg.total_timeout_s,
                                         sock_connect=self.cfg.connect_timeout_s,
                                         sock_read=self.cfg.first_token_timeout_s)
+        # A stream may idle at most first_token_timeout_s between events; a JSON answer is
+        # silent until it is complete, so only the total bounds it.
+        self._stream_timeout = timeout
+        self._json_timeout = aiohttp.ClientTimeout(total=self.cfg.total_timeout_s,
+                                                   sock_connect=self.cfg.connect_timeout_s)
         # auto_decompress off: we relay bytes; json_serialize unused (bodies are pre-encoded)
         self.session = aiohttp.ClientSession(connector=connector, timeout=timeout,
                                              auto_decompress=False)
@@ -256,7 +261,9 @@ class TierClient:
 
         try:
             resp = await self.session.post(ep.url + path, data=data,
-                                           headers={"Content-Type": "application/json"})
+                                           headers={"Content-Type": "application/json"},
+                                           timeout=self._stream_timeout if stream
+                                           else self._json_timeout)
         except asyncio.TimeoutError:
             raise fail(upstream_timeout(f"tier {self.name}: no response from {ep.url} in time"),
                        "timeout") from None

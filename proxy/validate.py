@@ -16,6 +16,10 @@ from proxy.keys import CHAT
 
 ROLES: Final = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 _NUM: Final = (int, float)
+#: Deepest accepted nesting of arrays/objects in a body. orjson, which re-encodes the body for
+#: the upstream, stops at 255 levels; real requests (JSON schemas in tools, response_format)
+#: stay far below this.
+MAX_DEPTH: Final = 128
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -28,7 +32,22 @@ def parse_json(raw: bytes) -> dict[str, Any]:
         raise bad_request(f"Request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request("Request body must be a JSON object.", code="invalid_json")
+    _check_depth(body)
     return body
+
+
+def _check_depth(body: dict[str, Any]) -> None:
+    """400 for a body nested deeper than MAX_DEPTH (iterative: no recursion on hostile input)."""
+    stack: list[tuple[Any, int]] = [(body, 1)]
+    while stack:
+        obj, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise bad_request(f"Request body is nested deeper than {MAX_DEPTH} levels.",
+                              code="invalid_json")
+        children = obj.values() if isinstance(obj, dict) else obj
+        for v in children:
+            if isinstance(v, (dict, list)):
+                stack.append((v, depth + 1))
 
 
 def _number(body: dict[str, Any], name: str, lo: float, hi: float) -> None:
@@ -62,8 +81,12 @@ def _content_chars(content: Any, i: int) -> int:
             if not isinstance(part, dict) or not isinstance(part.get("type"), str):
                 raise bad_request(f"'messages[{i}].content[{j}]' must be an object with a "
                                   "'type'.", f"messages[{i}].content", "invalid_type")
-            if isinstance(part.get("text"), str):
-                n += len(part["text"])
+            text = part.get("text")
+            if part["type"] == "text" and not isinstance(text, str):
+                raise bad_request(f"'messages[{i}].content[{j}].text' must be a string.",
+                                  f"messages[{i}].content", "invalid_type")
+            if isinstance(text, str):
+                n += len(text)
         return n
     raise bad_request(f"'messages[{i}].content' must be a string, an array of parts or null.",
                       f"messages[{i}].content", "invalid_type")
@@ -90,9 +113,9 @@ def validate(body: dict[str, Any], endpoint: str, cfg: ServerConfig) -> None:
                 raise bad_request(f"'messages[{i}]' must be an object.", f"messages[{i}]",
                                   "invalid_type")
             role = m.get("role")
-            if role not in ROLES:
+            if not isinstance(role, str) or role not in ROLES:
                 raise bad_request(f"'messages[{i}].role' must be one of {sorted(ROLES)}, got "
-                                  f"{role!r}.", f"messages[{i}].role")
+                                  f"{role!r:.80}.", f"messages[{i}].role")
             if "content" not in m and role != "assistant":
                 raise bad_request(f"'messages[{i}].content' is required.",
                                   f"messages[{i}].content", "missing_required_parameter")
