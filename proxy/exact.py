@@ -196,6 +196,11 @@ class RedisL2:
         while not self._closed:
             await asyncio.sleep(delay)
             try:
+                # drop pooled connections to the old server first: with no retries, a stale
+                # one would fail the next command and mark Redis down again
+                pool = getattr(self.client, "connection_pool", None)
+                if pool is not None:
+                    await pool.disconnect()
                 await self.client.ping()
             except (RedisError, OSError):
                 delay = min(delay * 2, 2.0)
