@@ -204,13 +204,16 @@ class Proxy:
             routed = model in self.auto_models
             sem = self.semantic
             query = keys.query_text if keys is not None else ""
-            sem_ok = sem is not None and sem.eligible(query)
             vec = None
-            if sem is not None and sem_ok:
-                vec = await sem.embed(query)
+            if sem is not None and sem.eligible(query):
+                try:
+                    vec = await sem.embed(query)
+                except Exception:  # the semantic layer is an optimisation: never fail for it
+                    log.exception("embedding failed; serving without the semantic layer")
+                    self.metrics.semantic_rejects.labels("embed_error").inc()
             if routed:
                 tier_name = self._route(query or _prompt_text(endpoint, body), vec, headers)
-            if sem is not None and sem_ok and lookup and vec is not None and keys is not None:
+            if sem is not None and lookup and vec is not None and keys is not None:
                 hit = await sem.lookup(vec, keys, tier_name, max_tokens, sem.threshold(
                     namespace, request.headers.get("x-cache-threshold")))
                 if hit is not None:
@@ -221,7 +224,7 @@ class Proxy:
             flight = self.flights.get(fkey) if fkey is not None else None
             if flight is None or flight.done:
                 flight = self._flight(fkey, keys, namespace, endpoint, body, stream, tier_name,
-                                      vec if sem_ok else None)
+                                      vec)
         flight.subscribe()
         try:
             if stream:

@@ -126,3 +126,18 @@ def test_onnxruntime_and_usearch_load_together() -> None:
     code = "import proxy.semantic; import proxy.embedder; import onnxruntime; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-500:]
+
+
+async def test_embedding_failure_degrades_to_a_miss(make_proxy, tiers) -> None:
+    p = await make_proxy()
+
+    async def broken(text: str):  # type: ignore[no-untyped-def]
+        raise RuntimeError("onnxruntime exploded")
+
+    p.proxy.semantic.embedder.embed = broken  # a fault injected into the real embedder object
+    r = await p.client().chat.completions.with_raw_response.create(
+        model="auto", messages=ask("How do I reset my password?"))
+    assert r.headers["x-cache"] == "miss" and r.parse().choices[0].message.content
+    r = await p.client().chat.completions.with_raw_response.create(
+        model="auto", messages=ask("How do I reset my password?"))
+    assert r.headers["x-cache"] == "hit-exact"  # the exact layer still works
