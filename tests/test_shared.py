@@ -84,7 +84,7 @@ async def test_purge_reaches_every_sidecar(make_proxy, tiers, redis_url, redis_p
             break
         await asyncio.sleep(0.01)
     assert len(b.proxy.semantic.index) == 1
-    ns = next(iter(a.proxy.semantic.index._slots.values())).entry.namespace
+    ns = next(a.proxy.semantic.index.entries()).namespace
     async with aiohttp.ClientSession() as s, s.post(a.url + "/admin/purge", headers=ADMIN,
                                                     json={"namespace": ns}) as r:
         assert r.status == 200
@@ -148,7 +148,7 @@ async def test_shared_mode_on_a_redis_cluster(make_proxy, tiers, redis_cluster,
     r = await cb.chat.completions.with_raw_response.create(model="auto", messages=Q2)
     assert r.headers["x-cache"] == "hit-semantic"  # the stream through the cluster
     assert r.parse().choices[0].message.content == first.choices[0].message.content
-    ns = next(iter(a.proxy.semantic.index._slots.values())).entry.namespace
+    ns = next(a.proxy.semantic.index.entries()).namespace
     async with aiohttp.ClientSession() as s, s.post(a.url + "/admin/purge", headers=ADMIN,
                                                     json={"namespace": ns}) as resp:
         purged = (await resp.json())["purged"]
