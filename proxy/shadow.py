@@ -21,21 +21,12 @@ import orjson
 from proxy.answer import CachedAnswer
 from proxy.config import Config, parse_flows
 from proxy.flight import PATHS
-from proxy.metrics import Metrics
-from proxy.upstream import TierClient, UpstreamFailure
 from proxy.errors import ProxyError
+from proxy.metrics import Metrics
+from proxy.tokens import completion_text
+from proxy.upstream import TierClient, UpstreamFailure
 
 log = logging.getLogger(__name__)
-
-
-def _text(endpoint: str, body: dict[str, Any]) -> str:
-    parts = []
-    for ch in body.get("choices") or ():
-        if endpoint == "chat":
-            parts.append(((ch.get("message") or {}).get("content")) or "")
-        else:
-            parts.append(ch.get("text") or "")
-    return "\n".join(parts)
 
 
 class Traffic:
@@ -94,7 +85,7 @@ class Traffic:
             pt = int((body.get("usage") or {}).get("prompt_tokens") or 0)
             ct = int((body.get("usage") or {}).get("completion_tokens") or 0)
             self.metrics.spend(client.cfg, "shadow", pt, ct)
-            record["shadow"] = {"text": _text(endpoint, body), "latency_ms":
+            record["shadow"] = {"text": completion_text(endpoint, body), "latency_ms":
                                 round((time.perf_counter() - t0) * 1000, 2),
                                 "prompt_tokens": pt, "completion_tokens": ct}
         except (UpstreamFailure, ProxyError, OSError, ValueError) as exc:
@@ -104,7 +95,7 @@ class Traffic:
             record["shadow"] = {"error": repr(exc)}
         prompt = payload.get("messages") if endpoint == "chat" else payload.get("prompt")
         record["request"] = prompt
-        record["primary"] = {"text": _text(endpoint, orjson.loads(answer.body)),
+        record["primary"] = {"text": completion_text(endpoint, orjson.loads(answer.body)),
                              "latency_ms": round(latency_s * 1000, 2),
                              "prompt_tokens": answer.prompt_tokens,
                              "completion_tokens": answer.completion_tokens}
