@@ -37,6 +37,10 @@ QUESTIONS = [
     "Explain big-O notation briefly.", "What is Kubernetes used for?",
     "How do I make a cup of green tea?", "What is the Pythagorean theorem?",
     "Suggest a name for a coffee shop.", "What is the difference between RAM and disk?",
+    # paraphrases of the questions above: semantic hits once those are cached
+    "How can I reset my password?", "what's the capital of France", "Why is the sky blue in color?",
+    "How do I reverse a Python list?", "How many continents are on Earth?",
+    "What is the GIL in CPython?",
 ]
 MODELS = ["auto"] * 6 + ["medium-32b"] * 2 + ["large-70b"] * 2
 
@@ -114,11 +118,11 @@ async def _demo(requests: int, concurrency: int, redis: str | None) -> int:
 
     print()
     print(f"{'outcome':<12}{'requests':>9}{'p50 ms':>10}{'p99 ms':>10}")
-    for outcome in ("hit-exact", "miss", "bypass"):
+    for outcome in ("hit-exact", "hit-semantic", "miss", "bypass"):
         v = lat.get(outcome, [])
         if v:
             print(f"{outcome:<12}{len(v):>9}{_pct(v, 50):>10.2f}{_pct(v, 99):>10.2f}")
-    hits = len(lat.get("hit-exact", []))
+    hits = len(lat.get("hit-exact", [])) + len(lat.get("hit-semantic", []))
     print()
     print(f"requests            {requests} in {wall:.2f} s ({requests / wall:.0f} req/s), "
           f"errors {errors}")
