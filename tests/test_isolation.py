@@ -9,7 +9,7 @@ import itertools
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,12 +57,15 @@ class Pair:
 
     a: str
     b: str
+    #: entries in b's semantic index: a paraphrase asked at b before the entry got there would
+    #: be a miss that stores its own answer (and every retry an exact hit)
+    b_entries: Callable[[], int]
 
 
 @pytest.fixture
 async def one_proxy(make_proxy: Any) -> AsyncIterator[Pair]:
     p = await make_proxy(tier_names=("small",))
-    yield Pair(p.url, p.url)
+    yield Pair(p.url, p.url, lambda: len(p.proxy.semantic.index))
 
 
 @pytest.fixture
@@ -70,7 +73,7 @@ async def two_proxies(make_proxy: Any, redis_url: str, redis_prefix: str) -> Asy
     cache = {"redis_url": redis_url, "redis_prefix": redis_prefix}
     a = await make_proxy(tier_names=("small",), cache=cache)
     b = await make_proxy(tier_names=("small",), cache=cache)
-    yield Pair(a.url, b.url)
+    yield Pair(a.url, b.url, lambda: len(b.proxy.semantic.index))
 
 
 async def _same_namespace_hit(url: str, payload: dict[str, Any], headers: dict[str, str],
@@ -142,8 +145,13 @@ async def _semantic_case(pair: Pair, tenants: tuple[dict[str, str], dict[str, st
     def body(q: str) -> dict[str, Any]:
         return {"model": "auto", "messages": [system, {"role": "user", "content": q}]}
 
+    before = pair.b_entries()
     got, h, _ = await post(pair.a, body(question), a)
     assert got == 200 and h["x-cache"] == "miss"
+    for _ in range(100):  # the shared stream delivers within tens of ms
+        if pair.b_entries() > before:
+            break
+        await _sleep(0.02)
     seen = await _same_namespace_hit(pair.b, body(paraphrase), a, {"hit-semantic"})
     assert seen == "hit-semantic", f"paraphrase not served within the namespace: {seen}"
     url = pair.a if which & 1 else pair.b
