@@ -142,12 +142,20 @@ async def test_two_proxy_processes_share_one_redis(tiers, redis_url, redis_prefi
         a, b = (openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-x",
                                    max_retries=0) for port in ports)
         first = await a.chat.completions.create(model="auto", messages=MSG)
-        for _ in range(50):  # the L2 write is in the background
-            r = await b.chat.completions.with_raw_response.create(model="auto", messages=MSG,
-                                                                  stream=stream)
-            if r.headers["x-cache"] == "hit-exact":
-                break
-            await asyncio.sleep(0.05)
+        # the L2 write is in the background: wait for it rather than ask B early (an early miss
+        # at B would call the upstream and store B's own copy)
+        import redis as redis_sync
+
+        rc = redis_sync.Redis.from_url(redis_url)
+        try:
+            for _ in range(100):
+                if any(True for _ in rc.scan_iter(match=redis_prefix + "x:*")):
+                    break
+                await asyncio.sleep(0.02)
+        finally:
+            rc.close()
+        r = await b.chat.completions.with_raw_response.create(model="auto", messages=MSG,
+                                                              stream=stream)
         assert r.headers["x-cache"] == "hit-exact"
         if stream:
             text = "".join([c.choices[0].delta.content or "" async for c in r.parse()
