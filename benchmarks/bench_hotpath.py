@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
+import sys
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import orjson
 import pytest
 import uvloop
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # load_exact's helpers
+
+from load_exact import free_port, wait_redis
 from proxy.answer import CachedAnswer
 from proxy.config import CacheConfig, ServerConfig
 from proxy.exact import L1Cache, RedisL2
@@ -99,34 +103,18 @@ def test_l1_set_evicting(benchmark, full_l1: L1Cache) -> None:  # type: ignore[n
 # -- Redis ------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
     """A private redis-server (no persistence) for this module."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.skip("redis-server not on PATH")
-    port, tmp = _free_port(), tempfile.mkdtemp(prefix="bench-redis-")
+    port, tmp = free_port(), tempfile.mkdtemp(prefix="bench-redis-")
     proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no", "--dir", tmp],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        break
-            except OSError:
-                time.sleep(0.05)
-        else:
-            pytest.fail("redis-server did not start")
+        wait_redis(port)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         proc.terminate()

@@ -65,6 +65,7 @@ from load_exact import (
     hey,
     median_of,
     pinned,
+    wait_redis,
     wait_up,
 )
 
@@ -583,17 +584,8 @@ class Stack:
         port = free_port()
         self.spawn(self.args.load_core, "redis-server", "--port", str(port), "--bind",
                    "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", self.tmp)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                import socket
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return f"redis://127.0.0.1:{port}/0"
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("redis-server did not come up")
+        wait_redis(port)
+        return f"redis://127.0.0.1:{port}/0"
 
     def proxy(self, tiers: Sequence[tuple[str, str]], redis: str | None = None,
               extra_env: dict[str, str] | None = None) -> tuple[str, subprocess.Popen[bytes]]:

@@ -27,6 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.load_exact import wait_redis  # noqa: E402
 from proxy.config import CacheConfig, SemanticConfig  # noqa: E402
 from proxy.exact import ExactCache  # noqa: E402
 from proxy.metrics import Metrics  # noqa: E402
@@ -54,7 +55,7 @@ async def main_async(n: int, scopes: int) -> dict[str, float]:
     proc = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly",
                              "no", "--dir", tmp], stdout=subprocess.DEVNULL)
     try:
-        time.sleep(0.5)
+        wait_redis(port)
         url = f"redis://127.0.0.1:{port}/0"
         cache_cfg = CacheConfig(redis_url=url, redis_prefix="bench:")
         sem_cfg = SemanticConfig(capacity=max(n, 1000))
