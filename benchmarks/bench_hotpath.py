@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import sys
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -27,6 +27,7 @@ import uvloop
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # load_exact's helpers
 
 from load_exact import free_port, wait_redis
+
 from proxy.answer import CachedAnswer
 from proxy.config import CacheConfig, ServerConfig
 from proxy.exact import L1Cache, RedisL2

@@ -28,7 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-BODY = {"model": "auto", "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+BODY = {"model": "auto",
+        "messages": [{"role": "user", "content": "What is the capital of France?"}]}
 
 
 def free_port() -> int:
