@@ -169,7 +169,9 @@ def test_brute_force_and_ann_agree_on_top1(dtype):
         agree += a[0][1].key == b[0][1].key
         if a[0][1].key == b[0][1].key:  # same kernel on the same stored vector: same score
             assert a[0][0] == pytest.approx(b[0][0], abs=1e-6)
-    assert agree == len(range(0, n, 3))
+    # HNSW is approximate and the promotion's multi-threaded bulk insert is not deterministic:
+    # a rare miss is the design (it costs a hit, never a wrong answer); more than 1 % is a bug
+    assert agree >= len(range(0, n, 3)) - 2
     assert ann.ann_searches == len(range(0, n, 3))
 
 
