@@ -134,6 +134,9 @@ class SemanticConfig:
     model_path: str = ""
     #: Embedder LRU of text -> vector, entries.
     embed_cache_size: int = 10_000
+    #: Longest wait for a query's embedding; past it the request skips the semantic layer
+    #: (and the router uses its text-only features) instead of queueing behind a busy embedder.
+    embed_timeout_s: float = 1.0
     #: Entries in the semantic index.
     capacity: int = 100_000
     ttl_s: float = 86_400.0

@@ -39,7 +39,7 @@ MODEL_SHA256: Final = "7698c281d9fbc863f6532a48d4f3d264fcb2450e85f0c733774a78472
 MODEL_ENV: Final = "EDGE_PROXY_MODEL"
 TOKENIZER_ENV: Final = "EDGE_PROXY_TOKENIZER"
 _STOP: Final = object()
-#: Niceness of the embedding thread relative to the process (see Embedder._worker).
+#: Niceness of the embedding thread where SCHED_IDLE is not available (see lower_thread_priority).
 WORKER_NICE: Final = 10
 
 
@@ -102,6 +102,8 @@ class Embedder:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: CPU policy the worker thread got ("idle", "nice+10", "normal"); set when it starts.
+        self.priority = ""
 
     # -- synchronous core -------------------------------------------------------------------
 
@@ -208,10 +210,7 @@ class Embedder:
     def _worker(self) -> None:
         loop = self._loop
         assert loop is not None
-        # Lower this thread's CPU priority (Linux: nice is per thread): when the event loop
-        # thread and the embedder want the same core, the loop (cache hits) goes first.
-        with contextlib.suppress(AttributeError, OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICE)
+        self.priority = lower_thread_priority()
         while True:
             item = self._queue.get()
             stop = item is _STOP
@@ -245,6 +244,29 @@ class Embedder:
         # RuntimeError: the loop is closed, nobody is waiting any more.
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(_resolve_all, futs, vecs, error)
+
+
+def lower_thread_priority() -> str:
+    """Put the calling thread behind the event loop for the CPU; returns the policy it got.
+
+    Linux schedules threads individually. ``SCHED_IDLE`` (allowed without privileges) runs the
+    thread only when no normal thread wants the core, and a waking normal thread preempts it at
+    once: a cache hit never waits for an embedding's time slice, even with the whole process
+    pinned to one core. Nice +10 (the fallback) only shifts the CPU shares to about 10:1, and a
+    hit can still wait out part of the embedder's slice. The cost: when the loop saturates the
+    core, embeddings starve (``semantic.embed_timeout_s`` bounds the wait).
+    """
+    tid = threading.get_native_id()
+    try:
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        return "idle"
+    except (AttributeError, OSError):
+        pass
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, WORKER_NICE)
+        return f"nice+{WORKER_NICE}"
+    except (AttributeError, OSError):
+        return "normal"
 
 
 def _resolve_all(

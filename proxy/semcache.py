@@ -9,6 +9,7 @@ has left the exact cache is dropped when met.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -134,15 +135,23 @@ class SemanticCache:
         """The threshold for a request: config, raised by the namespace's and the header's."""
         t = max(self.cfg.threshold, self.ns_thresholds.get(namespace, 0.0))
         if requested:
-            try:
+            with contextlib.suppress(ValueError):  # a malformed header changes nothing
                 t = max(t, min(1.0, float(requested)))
-            except ValueError:
-                pass
         return t
 
-    async def embed(self, text: str) -> np.ndarray:
+    async def embed(self, text: str) -> np.ndarray | None:
+        """The query's vector, or None when it is not ready within ``embed_timeout_s``.
+
+        The embedder runs at idle CPU priority, so a loop saturated by cache hits starves it;
+        a request then goes on without the semantic layer rather than waiting. The embedding
+        still completes in the background and lands in the embedder's LRU.
+        """
         t0 = time.perf_counter()
-        vec = await self.embedder.embed(text)
+        try:
+            vec = await asyncio.wait_for(self.embedder.embed(text), self.cfg.embed_timeout_s)
+        except TimeoutError:
+            self.metrics.semantic_rejects.labels("embed_timeout").inc()
+            return None
         self.metrics.embed_seconds.observe(time.perf_counter() - t0)
         return vec
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 
@@ -141,3 +142,43 @@ async def test_embedding_failure_degrades_to_a_miss(make_proxy, tiers) -> None:
     r = await p.client().chat.completions.with_raw_response.create(
         model="auto", messages=ask("How do I reset my password?"))
     assert r.headers["x-cache"] == "hit-exact"  # the exact layer still works
+
+
+def test_embedder_thread_runs_at_idle_priority(tmp_path) -> None:
+    # The worker must yield the core to the event loop at once (SCHED_IDLE on Linux).
+    code = (
+        "import asyncio, os\n"
+        "from proxy.embedder import Embedder\n"
+        "async def main():\n"
+        "    e = Embedder(); await e.start(); await e.embed('hello there')\n"
+        "    tid = e._thread.native_id\n"
+        "    print(e.priority, os.sched_getscheduler(tid) == os.SCHED_IDLE,\n"
+        "          os.sched_getscheduler(0) == os.SCHED_OTHER)\n"
+        "    await e.close()\n"
+        "asyncio.run(main())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-800:]
+    assert out.stdout.split() == ["idle", "True", "True"]  # only the worker thread is idle
+
+
+async def test_busy_embedder_times_out_to_a_miss(make_proxy, tiers) -> None:
+    import aiohttp
+
+    p = await make_proxy(semantic={"embed_timeout_s": 0.05})
+    emb = p.proxy.semantic.embedder
+    # Keep the real worker busy: 32 long texts (128 tokens each) take far longer than 50 ms.
+    backlog = [emb.embed(f"backlog {i} " + "lorem ipsum dolor sit amet " * 40) for i in range(32)]
+    tasks = [asyncio.ensure_future(b) for b in backlog]
+    await asyncio.sleep(0)
+    r = await p.client().chat.completions.with_raw_response.create(
+        model="auto", messages=ask("How do I reset my password?"))
+    assert r.headers["x-cache"] == "miss" and r.parse().choices[0].message.content
+    assert len(p.proxy.semantic.index) == 0  # no vector: nothing indexed for this answer
+    async with aiohttp.ClientSession() as s, s.get(p.url + "/metrics") as m:
+        text = await m.text()
+    assert 'edge_proxy_semantic_rejects_total{reason="embed_timeout"} 1.0' in text
+    await asyncio.gather(*tasks)  # the backlog still completes
+    r = await p.client().chat.completions.with_raw_response.create(
+        model="auto", messages=ask("How do I reset my password?"))
+    assert r.headers["x-cache"] == "hit-exact"
