@@ -22,7 +22,8 @@ checked against ``hey`` at the same fixed rate on the bare handler.
 
 Phases: generator check (own vs hey on the bare handler); alternating rounds of bare / proxy at
 fixed rates (exact hits at 500 req/s, semantic hits at 200 req/s) and max throughput (hey,
-closed loop, unthrottled); a sweep of offered load for exact hits; the workloads (repeats,
+closed loop, unthrottled); interference (exact hits at 300 req/s alone, then with 100 req/s of
+never-seen paraphrases beside them: exact-hit P99 with / without); a sweep of offered load for exact hits; the workloads (repeats,
 paraphrases, misses, mixed; streamed and non-streamed); time to first byte and per-chunk time of
 misses through the proxy vs straight to the mock; memory per cached entry (a second proxy over a
 zero-latency mock, filled with unique misses). Results: benchmarks/results/loadtest.json, PNG
@@ -695,6 +696,9 @@ class Plan:
     fill: int
     repeats_pool: int = 200
     mixed_pool: int = 1000
+    #: interference phase: exact hits at this rate, alone and with unique paraphrases beside them
+    interference_exact_rate: float = 300
+    interference_semantic_rate: float = 100
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -831,6 +835,46 @@ class Suite:
             "proxy_max_rps": median_of(peak["proxy"])["rps"],
         }
         self.res["rounds"] = {"runs": runs, "peak": peak, "medians": fig}
+
+    async def interference(self) -> None:
+        """Exact-hit latency alone vs with semantic traffic (unique paraphrases) beside it.
+
+        Each round runs exact hits at ``interference_exact_rate`` alone, then the same exact-hit
+        stream merged with never-seen paraphrases at ``interference_semantic_rate`` (each one an
+        embedding, an index search and a verified hit). Exact-hit P99 with / without, median of
+        rounds: how much a cached answer waits behind someone else's embedding.
+        """
+        p = self.plan
+        re_, rs = p.interference_exact_rate, p.interference_semantic_rate
+        pairs = [self.prompts.take_pairs(self.n(rs)) for _ in range(p.rounds)]
+        await self.warm("interference: warm paraphrases", [a for ps in pairs for a, _ in ps])
+        runs: dict[str, list[dict[str, Any]]] = {"alone": [], "with_semantic": []}
+        for r in range(p.rounds):
+            tag = f"interference {r + 1}/{p.rounds}"
+            runs["alone"].append(await self.gen.run(
+                f"{tag} exact alone", self.chat, self.repeat_reqs(self.n(re_), 0.0), re_, seed=r))
+            exact = self.repeat_reqs(self.n(re_), 0.0)
+            para: list[Req] = [(body_of(b, False), False) for _, b in pairs[r]]
+            merged = exact + para
+            self.rng.shuffle(merged)  # one Poisson stream at re_ + rs: the shares are the rates
+            runs["with_semantic"].append(await self.gen.run(
+                f"{tag} exact + semantic", self.chat, merged, re_ + rs, seed=100 + r))
+
+        def med(key: str, outcome: str, field: str = "p99_ms") -> float:
+            vals = [x["outcomes"].get(outcome, {}).get("latency", {}).get(field)
+                    for x in runs[key]]
+            vals = [v for v in vals if v is not None]
+            return statistics.median(vals) if vals else float("nan")
+
+        self.res["interference"] = {"runs": runs, "medians": {
+            "exact_rate": re_, "semantic_rate": rs,
+            "exact_p50_ms_alone": med("alone", "hit-exact", "p50_ms"),
+            "exact_p99_ms_alone": med("alone", "hit-exact"),
+            "exact_p50_ms_with_semantic": med("with_semantic", "hit-exact", "p50_ms"),
+            "exact_p99_ms_with_semantic": med("with_semantic", "hit-exact"),
+            "semantic_p50_ms": med("with_semantic", "hit-semantic", "p50_ms"),
+            "semantic_p99_ms": med("with_semantic", "hit-semantic"),
+        }}
 
     async def sweep(self) -> None:
         """Latency vs offered load: exact hits (half streamed) and the bare handler."""
@@ -994,6 +1038,7 @@ TARGETS = (
     ("exact-hit P99 / bare P99 @500/s", "exact_p99_ratio", "<=", 1.3),
     ("semantic-hit P99 @200/s / bare P99", "semantic_p99_ratio", "<=", 2.5),
     ("max exact-hit req/s / bare max", "max_rps_ratio", ">=", 0.7),
+    ("exact-hit P99 with semantic traffic / without", "interference_p99_ratio", "<=", 1.3),
     ("miss TTFB added beyond embedding (plain proxy), ms", "ttfb_added_beyond_embed_ms", "<=",
      1.0),
     ("per-chunk time added (full proxy), ms", "per_chunk_added_ms", "<=", 0.1),
@@ -1009,6 +1054,9 @@ def ratios(res: dict[str, Any]) -> dict[str, float]:
         out["exact_p99_ratio"] = m["exact_p99_ms"] / m["bare_p99_ms_at_exact_rate"]
         out["semantic_p99_ratio"] = m["semantic_p99_ms"] / m["bare_p99_ms_at_semantic_rate"]
         out["max_rps_ratio"] = m["proxy_max_rps"] / m["bare_max_rps"]
+    if "interference" in res:
+        m = res["interference"]["medians"]
+        out["interference_p99_ratio"] = m["exact_p99_ms_with_semantic"] / m["exact_p99_ms_alone"]
     if "ttft" in res:
         out["ttfb_added_beyond_embed_ms"] = res["ttft"]["medians"]["ttfb_added_beyond_embed_ms"]
         out["per_chunk_added_ms"] = res["ttft"]["medians"]["per_chunk_added_ms"]
@@ -1047,6 +1095,16 @@ def markdown(res: dict[str, Any]) -> str:
                   f"| proxy semantic hit @{res['plan']['semantic_rate']:g}/s "
                   f"({100 * m['semantic_hit_rate']:.0f}% of paraphrases) | "
                   f"{_f(m['semantic_p50_ms'])} | {_f(m['semantic_p99_ms'])} | |", ""]
+    if "interference" in res:
+        m = res["interference"]["medians"]
+        lines += ["| interference (median of rounds) | P50 ms | P99 ms |", "|---|---:|---:|",
+                  f"| exact hits @{m['exact_rate']:g}/s alone | {_f(m['exact_p50_ms_alone'])} | "
+                  f"{_f(m['exact_p99_ms_alone'])} |",
+                  f"| exact hits @{m['exact_rate']:g}/s + {m['semantic_rate']:g}/s unique "
+                  f"paraphrases | {_f(m['exact_p50_ms_with_semantic'])} | "
+                  f"{_f(m['exact_p99_ms_with_semantic'])} |",
+                  f"| the semantic hits of that run | {_f(m['semantic_p50_ms'])} | "
+                  f"{_f(m['semantic_p99_ms'])} |", ""]
     if "workloads" in res:
         lines += ["| workload | offered/s | done/s | outcome | share | P50 ms | P95 ms | P99 ms "
                   "| TTFB P50 (stream) | TTFB P99 (stream) | USD/query | without cache |",
@@ -1125,6 +1183,8 @@ async def amain(args: argparse.Namespace) -> int:
                 await suite.check_generator()
             if "rounds" in phases:
                 await suite.rounds()
+            if "interference" in phases:
+                await suite.interference()
             if "sweep" in phases:
                 await suite.sweep()
             if "workloads" in phases:
@@ -1164,7 +1224,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, help="seconds per fixed-rate run (10; quick 3)")
     ap.add_argument("--rounds", type=int, help="alternating bare/proxy rounds (3; quick 1)")
     ap.add_argument("--fill", type=int, help="entries for the memory phase (20000; quick 2000)")
-    ap.add_argument("--phases", default="check,rounds,sweep,workloads,ttft,memory")
+    ap.add_argument("--phases",
+                    default="check,rounds,interference,sweep,workloads,ttft,memory")
     ap.add_argument("--stream-share", type=float, default=0.5,
                     help="share of streamed requests in the workloads")
     ap.add_argument("--zipf-s", type=float, default=1.1, help="Zipf exponent of 'mixed'")

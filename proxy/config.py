@@ -137,6 +137,9 @@ class SemanticConfig:
     #: Longest wait for a query's embedding; past it the request skips the semantic layer
     #: (and the router uses its text-only features) instead of queueing behind a busy embedder.
     embed_timeout_s: float = 1.0
+    #: CPU policy of the embedding thread: "idle" (SCHED_IDLE: a cache hit preempts it at once;
+    #: it runs only on CPU time nothing else in the container wants), "nice" (+10) or "normal".
+    embed_priority: str = "idle"
     #: Entries in the semantic index.
     capacity: int = 100_000
     ttl_s: float = 86_400.0
@@ -384,6 +387,11 @@ def _validate(cfg: Config) -> Config:
     if not 0.0 < cfg.semantic.threshold <= 1.0:
         raise ConfigError("semantic.threshold: must be in (0, 1]")
     namespace_thresholds(cfg.semantic)
+    if cfg.semantic.embed_priority not in ("idle", "nice", "normal"):
+        raise ConfigError(f"semantic.embed_priority: expected idle, nice or normal, got "
+                          f"{cfg.semantic.embed_priority!r}")
+    if cfg.semantic.embed_timeout_s <= 0:
+        raise ConfigError("semantic.embed_timeout_s: must be > 0")
     for i, pat in enumerate(cfg.semantic.bypass_patterns):
         try:
             re.compile(pat)

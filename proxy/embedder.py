@@ -81,6 +81,7 @@ class Embedder:
         max_tokens: int = 128,
         expected_sha256: str | None = MODEL_SHA256,
         padded_batches: bool = False,
+        priority: str = "idle",
     ) -> None:
         self.model_path = Path(model_path) if model_path is not None else default_model_path()
         if tokenizer_path is None:
@@ -93,6 +94,7 @@ class Embedder:
         self.max_tokens = max_tokens
         self.expected_sha256 = expected_sha256
         self.padded_batches = padded_batches
+        self.wanted_priority = priority
         self.stats = EmbedderStats()
         self.ready = False
         self._session: Any = None
@@ -210,7 +212,7 @@ class Embedder:
     def _worker(self) -> None:
         loop = self._loop
         assert loop is not None
-        self.priority = lower_thread_priority()
+        self.priority = lower_thread_priority(self.wanted_priority)
         while True:
             item = self._queue.get()
             stop = item is _STOP
@@ -246,7 +248,7 @@ class Embedder:
             loop.call_soon_threadsafe(_resolve_all, futs, vecs, error)
 
 
-def lower_thread_priority() -> str:
+def lower_thread_priority(wanted: str = "idle") -> str:
     """Put the calling thread behind the event loop for the CPU; returns the policy it got.
 
     Linux schedules threads individually. ``SCHED_IDLE`` (allowed without privileges) runs the
@@ -254,14 +256,19 @@ def lower_thread_priority() -> str:
     once: a cache hit never waits for an embedding's time slice, even with the whole process
     pinned to one core. Nice +10 (the fallback) only shifts the CPU shares to about 10:1, and a
     hit can still wait out part of the embedder's slice. The cost: when the loop saturates the
-    core, embeddings starve (``semantic.embed_timeout_s`` bounds the wait).
+    core, embeddings starve (``semantic.embed_timeout_s`` bounds the wait). Idle is relative to
+    the other threads of the same CPU cgroup: in a container (its own cgroup), other pods do not
+    starve it; on a bare host shared with busy processes, use "nice".
     """
+    if wanted == "normal":
+        return "normal"
     tid = threading.get_native_id()
-    try:
-        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-        return "idle"
-    except (AttributeError, OSError):
-        pass
+    if wanted == "idle":
+        try:
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+            return "idle"
+        except (AttributeError, OSError):
+            pass
     try:
         os.setpriority(os.PRIO_PROCESS, tid, WORKER_NICE)
         return f"nice+{WORKER_NICE}"

@@ -53,7 +53,8 @@ class SemanticCache:
         self.metrics = metrics
         self.exact = exact
         self.rank = {name: i for i, name in enumerate(tier_order)}
-        self.embedder = Embedder(cfg.model_path or None, cache_size=cfg.embed_cache_size)
+        self.embedder = Embedder(cfg.model_path or None, cache_size=cfg.embed_cache_size,
+                                 priority=cfg.embed_priority)
         self.index = SemanticIndex(capacity=cfg.capacity, ttl_s=cfg.ttl_s,
                                    brute_force_max=cfg.brute_force_max)
         self.verifier = Verifier(guards=cfg.guards, weights_path=cfg.verifier_weights or None)

@@ -155,11 +155,15 @@ def test_embedder_thread_runs_at_idle_priority(tmp_path) -> None:
         "    print(e.priority, os.sched_getscheduler(tid) == os.SCHED_IDLE,\n"
         "          os.sched_getscheduler(0) == os.SCHED_OTHER)\n"
         "    await e.close()\n"
+        "    e = Embedder(priority='nice'); await e.start(); await e.embed('hello there')\n"
+        "    print(e.priority, os.getpriority(os.PRIO_PROCESS, e._thread.native_id))\n"
+        "    await e.close()\n"
         "asyncio.run(main())\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-800:]
-    assert out.stdout.split() == ["idle", "True", "True"]  # only the worker thread is idle
+    # only the worker thread is idle; "nice" gives +10 (relative to the process's 0)
+    assert out.stdout.split() == ["idle", "True", "True", "nice+10", "10"]
 
 
 async def test_busy_embedder_times_out_to_a_miss(make_proxy, tiers) -> None:
