@@ -11,7 +11,8 @@ Reproducible and torch-free:
    BiasGelu;
 4. ``onnxruntime.quantization.quantize_dynamic``: int8 weights, MatMulInteger / QAttention with
    activations quantized at run time;
-5. write ``models/minilm-l6-int8.onnx`` and check its sha256 against ``models/MODEL.sha256``.
+5. split SkipLayerNormalization back into Add + Add + LayerNormalization (faster kernels here);
+6. write ``models/minilm-l6-int8.onnx`` and check its sha256 against ``models/MODEL.sha256``.
 
 The fp32 graph (same weights, no fusion) is kept as ``models/build/minilm-l6-fp32.onnx``: it is the
 reference of ``models/check_model.py``.
@@ -320,6 +321,54 @@ def quantize(opt_path: Path, out_path: Path, variant: Variant) -> None:
     )
 
 
+def unfuse_skip_layernorm(path: Path) -> int:
+    """SkipLayerNormalization -> Add(x, bias) + Add(., skip) + LayerNormalization, in place.
+
+    Same maths, faster here: onnxruntime's CPU SkipLayerNormalization kernel takes ~25 us per
+    node at 10x384 against ~8 us for Add + LayerNormalization (ORT 1.32, AVX2), 13 nodes per
+    run. With the bias Add first, ORT folds the bias into DynamicQuantizeMatMul and does not
+    re-fuse the rest at load (the session also disables SkipLayerNormFusion, to be sure).
+    Measured: 10-18 % faster at 10 tokens, agreement with fp32 unchanged (models/README.md).
+    The fusion is still applied before quantization: quantize_dynamic's Attention handling and
+    the fusion checks in build() expect the fused graph.
+    """
+    model = onnx.load(path)
+    nodes: list[onnx.NodeProto] = []
+    count = 0
+    for n in model.graph.node:
+        if n.op_type != "SkipLayerNormalization":
+            nodes.append(n)
+            continue
+        count += 1
+        eps = next((a.f for a in n.attribute if a.name == "epsilon"), LN_EPS)
+        x, skip, gamma, beta = n.input[:4]
+        bias = n.input[4] if len(n.input) > 4 and n.input[4] else None
+        if any(o for o in n.output[1:]):
+            raise SystemExit(f"{n.name}: optional SkipLayerNormalization outputs are used")
+        if bias:
+            nodes.append(
+                helper.make_node("Add", [x, bias], [f"{n.name}_biased"], name=f"{n.name}_bias")
+            )
+            x = f"{n.name}_biased"
+        nodes.append(
+            helper.make_node("Add", [x, skip], [f"{n.name}_sum"], name=f"{n.name}_residual")
+        )
+        nodes.append(
+            helper.make_node(
+                "LayerNormalization",
+                [f"{n.name}_sum", gamma, beta],
+                [n.output[0]],
+                name=f"{n.name}_ln",
+                axis=-1,
+                epsilon=eps,
+            )
+        )
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.save(model, path)
+    return count
+
+
 def build(variant_name: str = CHOSEN, out: Path = OUTPUT) -> Path:
     """Run the whole build for one variant; returns the int8 path."""
     src = source_dir()
@@ -345,6 +394,8 @@ def build(variant_name: str = CHOSEN, out: Path = OUTPUT) -> Path:
 
     variant = next(v for v in VARIANTS if v.name == variant_name)
     quantize(opt_path, out, variant)
+    if unfuse_skip_layernorm(out) < 2 * LAYERS:
+        raise SystemExit("expected >= 12 SkipLayerNormalization nodes to unfuse")
     return out
 
 
@@ -397,6 +448,7 @@ def _explore() -> None:
     for v in VARIANTS:
         path = BUILD_DIR / f"minilm-l6-int8-{v.name}.onnx"
         quantize(opt_path, path, v)
+        unfuse_skip_layernorm(path)
         stats = agreement(path, FP32_OUT, sentences)
         p50, p99 = time_query(path, n_tokens=10)
         print(

@@ -36,6 +36,7 @@ TOKENIZER: Final = MODELS_DIR / "tokenizer.json"
 MIN_MEAN: Final = 0.99
 MIN_P1: Final = 0.98
 MAX_TOKENS: Final = 128
+DISABLED_OPTIMIZERS: Final = ["SkipLayerNormFusion"]
 
 
 def load_sentences(n: int = 1000, data_dir: Path = DATA_DIR) -> list[str]:
@@ -77,7 +78,10 @@ def session(path: Path, threads: int = 1) -> ort.InferenceSession:
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    # as proxy.embedder: keep the unfused Add + LayerNormalization (build_model.py says why)
+    return ort.InferenceSession(
+        str(path), so, providers=["CPUExecutionProvider"], disabled_optimizers=DISABLED_OPTIMIZERS
+    )
 
 
 def encode(tok: Tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -155,3 +155,23 @@ async def test_loop_stays_responsive() -> None:
 async def test_embed_before_start_fails() -> None:
     with pytest.raises(RuntimeError, match="start"):
         await Embedder().embed("x")
+
+
+def test_session_keeps_layernorm_unfused(tmp_path: Path) -> None:
+    # The shipped graph has Add + LayerNormalization instead of SkipLayerNormalization (faster
+    # here); the session must not fuse them back (proxy.embedder.DISABLED_OPTIMIZERS).
+    import onnx
+    import onnxruntime as ort
+
+    from proxy.embedder import DISABLED_OPTIMIZERS
+
+    shipped = {n.op_type for n in onnx.load(str(DEFAULT_MODEL_PATH)).graph.node}
+    assert "SkipLayerNormalization" not in shipped and "LayerNormalization" in shipped
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(DEFAULT_MODEL_PATH), so, providers=["CPUExecutionProvider"],
+                         disabled_optimizers=list(DISABLED_OPTIMIZERS))
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+    assert "SkipLayerNormalization" not in ops
+    assert {"DynamicQuantizeMatMul", "QAttention"} <= ops  # the int8 kernels are in use
