@@ -46,6 +46,12 @@ RESULTS = REPO / "benchmarks" / "results"
 DATA = Path(os.environ.get("EDGE_PROXY_DATA", REPO.parent / "shared" / "data"))
 THRESHOLDS = np.round(np.arange(0.70, 0.981, 0.01), 2)
 DEFAULT_WEIGHTS = RESULTS / "verifier.json"  # written by models/train_verifier.py
+VEC_WEIGHTS = REPO / "models" / "verifier.json"  # shipped interaction model (--kind interaction)
+# precision targets of the issue: QQP recall at precision >= 0.95; intent sets hit rate at
+# precision >= 0.99 (and out-of-scope false hits <= 0.5 %)
+TARGETS = {"qqp": 0.95}
+INTENT_TARGET = 0.99
+OOS_MAX = 0.005
 
 
 # --------------------------------------------------------------------------- embedding
@@ -270,6 +276,8 @@ class Pairs:
     sim: np.ndarray
     correct: np.ndarray  # bool: serving cand's answer to query is right
     oos: np.ndarray  # bool: query is out of scope (must never hit)
+    qv: np.ndarray | None = None  # (n, 384) query vectors, for the interaction verifier
+    cv: np.ndarray | None = None  # (n, 384) candidate vectors
 
 
 def qqp_pairs(rows: list[tuple[str, str, int]], cache: EmbeddingCache, tag: str) -> Pairs:
@@ -278,7 +286,9 @@ def qqp_pairs(rows: list[tuple[str, str, int]], cache: EmbeddingCache, tag: str)
     b = cache.get(tag + "-b", [r[1] for r in rows])
     sim = np.einsum("ij,ij->i", a, b)
     lab = np.array([r[2] == 1 for r in rows])
-    return Pairs([r[1] for r in rows], [r[0] for r in rows], sim, lab, np.zeros(len(rows), bool))
+    return Pairs(
+        [r[1] for r in rows], [r[0] for r in rows], sim, lab, np.zeros(len(rows), bool), b, a
+    )
 
 
 def intent_pairs(ds: IntentSet, cache: EmbeddingCache, tag: str) -> Pairs:
@@ -296,7 +306,13 @@ def intent_pairs(ds: IntentSet, cache: EmbeddingCache, tag: str) -> Pairs:
         ]
     )
     return Pairs(
-        ds.query_texts, [ds.cache_texts[j] for j in nn], sim, correct, np.array(ds.query_oos)
+        ds.query_texts,
+        [ds.cache_texts[j] for j in nn],
+        sim,
+        correct,
+        np.array(ds.query_oos),
+        q,
+        c[nn],
     )
 
 
@@ -309,8 +325,12 @@ def verdicts(v: Verifier, p: Pairs) -> tuple[np.ndarray, np.ndarray, list[str]]:
     ok = np.zeros(len(p.query), bool)
     score = np.zeros(len(p.query))
     reasons: list[str] = []
+    vecs = v.uses_vectors and p.qv is not None and p.cv is not None
     for i, (q, c, s) in enumerate(zip(p.query, p.cand, p.sim, strict=True)):
-        d = v.verify(q, c, float(s), 0.0)
+        if vecs:
+            d = v.verify(q, c, float(s), 0.0, query_vec=p.qv[i], cand_vec=p.cv[i])  # type: ignore[index]
+        else:
+            d = v.verify(q, c, float(s), 0.0)
         ok[i] = d.ok
         score[i] = d.score
         reasons.append(d.reason)
@@ -366,18 +386,71 @@ def cut_curve(
     return out
 
 
-def print_table(title: str, curves: dict[str, list[dict[str, float]]]) -> None:
-    """Print precision / recall per threshold for each mode side by side."""
+def grid_best(
+    p: Pairs, ok: np.ndarray, score: np.ndarray, reasons: list[str], target: float, key: str
+) -> dict[str, float] | None:
+    """Best ``key`` (recall or hit_rate) over thresholds x probability cuts with precision >=
+    target and OOS false hits <= OOS_MAX. The cut is picked ON THE EVALUATION DATA: an upper
+    bound of what the model can do, not a held-out figure."""
+    passed = np.array([ok_ or r.startswith("learned") for ok_, r in zip(ok, reasons, strict=True)])
+    n_correct = max(int(p.correct.sum()), 1)
+    n_oos = int(p.oos.sum())
+    cuts = np.unique(np.quantile(score[passed], np.linspace(0, 0.995, 120))) if passed.any() else []
+    best: dict[str, float] | None = None
+    for t in THRESHOLDS:
+        base = passed & (p.sim >= t)
+        for cut in cuts:
+            hit = base & (score >= cut)
+            nh = int(hit.sum())
+            if not nh:
+                continue
+            tp = int((hit & p.correct).sum())
+            oos = int((hit & p.oos).sum()) / n_oos if n_oos else 0.0
+            row = {
+                "threshold": float(t),
+                "cut": round(float(cut), 4),
+                "hits": nh,
+                "precision": tp / nh,
+                "recall": tp / n_correct,
+                "hit_rate": nh / len(hit),
+                "oos_false_hit_rate": oos,
+            }
+            if (
+                row["precision"] >= target
+                and oos <= OOS_MAX
+                and (best is None or row[key] > best[key])
+            ):
+                best = row
+    return best
+
+
+def best_at_precision(
+    c: list[dict[str, float]], target: float, key: str
+) -> dict[str, float] | None:
+    """Threshold-curve row with the highest ``key`` whose precision >= target (and OOS false
+    hits <= OOS_MAX where measured)."""
+    ok = [
+        r
+        for r in c
+        if r["hits"] > 0
+        and r["precision"] >= target
+        and r.get("oos_false_hit_rate", 0.0) <= OOS_MAX
+    ]
+    return max(ok, key=lambda r: r[key]) if ok else None
+
+
+def print_table(title: str, curves: dict[str, list[dict[str, float]]], key: str = "recall") -> None:
+    """Print precision / recall (or hit rate) per threshold for each mode side by side."""
     modes = list(curves)
     print(f"\n{title}")
     head = "thr  " + "".join(f"| {m:^21}" for m in modes)
     print(head)
-    print("     " + "| prec   recall hits   " * len(modes))
+    print("     " + f"| prec   {key[:6]:6s} hits  " * len(modes))
     for i, t in enumerate(THRESHOLDS):
         if round(t * 100) % 2 and t < 0.9:
             continue  # keep the printout short; the JSON has every step
         cells = "".join(
-            f"| {c[i]['precision']:.3f}  {c[i]['recall']:.3f} {c[i]['hits']:5d} "
+            f"| {c[i]['precision']:.3f}  {c[i][key]:.3f} {c[i]['hits']:5d} "
             for c in (curves[m] for m in modes)
         )
         extra = ""
@@ -409,7 +482,7 @@ def precision_at_recall(c: list[dict[str, float]], levels: Sequence[float]) -> d
 def plot(
     results: dict[str, dict[str, list[dict[str, float]]]],
     path: Path,
-    cut_curves: dict[str, list[dict[str, float]]] | None = None,
+    cut_curves: dict[str, dict[str, list[dict[str, float]]]] | None = None,
 ) -> None:
     """Precision and recall vs threshold (top), precision vs recall (bottom), per data set."""
     import matplotlib
@@ -419,7 +492,13 @@ def plot(
 
     names = list(results)
     fig, axes = plt.subplots(2, len(names), figsize=(4.2 * len(names), 7.5), squeeze=False)
-    styles = {"off": "tab:gray", "guards": "tab:blue", "learned": "tab:red"}
+    styles = {
+        "off": "tab:gray",
+        "guards": "tab:blue",
+        "learned": "tab:red",
+        "learned-vec": "tab:green",
+    }
+    cut_styles = {"learned": "tab:orange", "learned-vec": "tab:olive"}
     for j, name in enumerate(names):
         for mode, c in results[name].items():
             x = [r["threshold"] for r in c]
@@ -431,13 +510,13 @@ def plot(
             axes[1][j].plot(
                 [r["recall"] for r in c], [r["precision"] for r in c], color=col, label=mode
             )
-        if cut_curves and cut_curves.get(name):
-            cc = cut_curves[name]
+        for mode, cc in ((cut_curves or {}).get(name) or {}).items():
             axes[1][j].plot(
                 [r["recall"] for r in cc],
                 [r["precision"] for r in cc],
-                color="tab:orange",
-                label="learned, cut swept",
+                color=cut_styles.get(mode),
+                linestyle=":",
+                label=f"{mode}, cut swept",
             )
         axes[0][j].set_title(name)
         axes[0][j].set_xlabel("threshold")
@@ -473,7 +552,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--datasets", default="qqp,banking77,clinc150,hwu64")
     ap.add_argument("--weights", default=str(DEFAULT_WEIGHTS), help="learned verifier weights")
+    ap.add_argument("--vec-weights", default=str(VEC_WEIGHTS), help="interaction verifier ('' off)")
     ap.add_argument("--target", type=float, default=0.95, help="precision target for default")
+    ap.add_argument("--intent-target", type=float, default=INTENT_TARGET)
+    ap.add_argument(
+        "--operating-threshold", type=float, default=0.85, help="threshold of the printed point"
+    )
     ap.add_argument(
         "--cache-per-intent", type=int, default=0, help="cap cache entries per intent (0: all)"
     )
@@ -488,10 +572,13 @@ def main(argv: list[str] | None = None) -> int:
     modes: dict[str, Verifier] = {"off": Verifier(guards=False), "guards": Verifier(guards=True)}
     if Path(args.weights).exists():
         modes["learned"] = Verifier(guards=True, weights_path=args.weights)
+    if args.vec_weights and Path(args.vec_weights).exists():
+        modes["learned-vec"] = Verifier(guards=True, weights_path=args.vec_weights)
 
     results: dict[str, dict[str, list[dict[str, float]]]] = {}
-    cut_curves: dict[str, list[dict[str, float]]] = {}
+    cut_curves: dict[str, dict[str, list[dict[str, float]]]] = {}
     summary: dict[str, dict] = {}
+    best_rows: list[tuple[str, str, str, dict[str, float] | None]] = []
     for name in args.datasets.split(","):
         if name == "qqp":
             rows = load_qqp("eval", args.qqp, args.seed)
@@ -501,8 +588,15 @@ def main(argv: list[str] | None = None) -> int:
                 load_intent(name), args.intent_queries, args.seed, args.cache_per_intent
             )
             p = intent_pairs(ds, cache, f"{name}-{len(ds.query_texts)}-s{args.seed}")
+        target = TARGETS.get(name, args.intent_target)
+        key = "recall" if name == "qqp" else "hit_rate"
         results[name] = {}
-        summary[name] = {"n": len(p.query), "servable": int(p.correct.sum())}
+        summary[name] = {
+            "n": len(p.query),
+            "servable": int(p.correct.sum()),
+            "target_precision": target,
+            "metric": key,
+        }
         for mode, v in modes.items():
             t0 = time.perf_counter()
             ok, score, reasons = verdicts(v, p)
@@ -510,24 +604,73 @@ def main(argv: list[str] | None = None) -> int:
             c = curve(p, ok)
             results[name][mode] = c
             pick = pick_threshold(c, args.target)
+            best = best_at_precision(c, target, key)
+            best_rows.append((name, mode, "threshold sweep, shipped cut", best))
             summary[name][mode] = {
                 "verify_us_per_pair": round(us, 1),
                 f"lowest_threshold_precision_{args.target}": pick,
+                f"best_{key}_at_precision_{target}": best,
                 "precision_at_recall": precision_at_recall(c, (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)),
                 "rejections_over_0.80": reason_counts(reasons, p.correct, p.sim >= 0.80),
             }
-            if mode == "learned":
+            if mode.startswith("learned"):
                 cc = cut_curve(p, ok, score, reasons, float(THRESHOLDS[0]))
-                cut_curves.setdefault(name, cc)
-                summary[name]["learned_cut_sweep"] = {
+                cut_curves.setdefault(name, {})[mode] = cc
+                grid = grid_best(p, ok, score, reasons, target, key)
+                best_rows.append((name, mode, "threshold x cut, cut picked on eval", grid))
+                summary[name][mode]["cut_sweep"] = {
                     "similarity_floor": float(THRESHOLDS[0]),
                     "precision_at_recall": precision_at_recall(cc, (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)),
+                    f"best_{key}_at_precision_{target}_cut_picked_on_eval": grid,
                 }
-        print_table(f"{name} (n={len(p.query)}, servable={int(p.correct.sum())})", results[name])
+        print_table(
+            f"{name} (n={len(p.query)}, servable={int(p.correct.sum())})", results[name], key
+        )
+
+    # best figure per data set and mode at the issue's precision targets
+    print(
+        f"\nbest recall (qqp, precision >= {TARGETS['qqp']}) / hit rate (intents, precision >= "
+        f"{args.intent_target}, OOS false hits <= {OOS_MAX:.1%})"
+    )
+    print(f"{'data set':10s} {'mode':12s} {'how':36s} thr   cut    prec   recall hit_r  oos")
+    for name, mode, how, r in best_rows:
+        if r is None:
+            print(f"{name:10s} {mode:12s} {how:36s} (precision target not reached)")
+            continue
+        oos = r.get("oos_false_hit_rate", 0.0)
+        cut = f"{r['cut']:.3f}" if "cut" in r else "  -  "
+        print(
+            f"{name:10s} {mode:12s} {how:36s} {r['threshold']:.2f}  {cut}  {r['precision']:.3f}"
+            f"  {r['recall']:.3f}  {r['hit_rate']:.3f}  {oos:.4f}"
+        )
+    # operating point: one threshold for every data set, the shipped cut of the best mode
+    op_mode = (
+        "learned-vec" if "learned-vec" in modes else ("learned" if "learned" in modes else "guards")
+    )
+    op = {}
+    for name in results:
+        c = results[name][op_mode]
+        thr = next(
+            (r["threshold"] for r in c if r["threshold"] >= args.operating_threshold - 1e-9), None
+        )
+        row = next(r for r in c if r["threshold"] == thr)
+        op[name] = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+    print(f"\nchosen operating point: mode={op_mode} threshold={args.operating_threshold:.2f}")
+    for name, row in op.items():
+        oos = f" oos={row['oos_false_hit_rate']:.4f}" if "oos_false_hit_rate" in row else ""
+        print(
+            f"  {name:10s} precision={row['precision']:.3f} recall={row['recall']:.3f} "
+            f"hit_rate={row['hit_rate']:.3f}{oos}"
+        )
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"embedder": args.embedder, "args": vars(args), "summary": summary}
+    meta = {
+        "embedder": args.embedder,
+        "args": vars(args),
+        "summary": summary,
+        "operating_point": {"mode": op_mode, "threshold": args.operating_threshold, **op},
+    }
     out.with_suffix(".json").write_text(
         json.dumps({"meta": meta, "curves": results, "learned_cut_curves": cut_curves}, indent=1)
     )

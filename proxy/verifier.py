@@ -28,6 +28,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Final
 
+import numpy as np
+
 __all__ = ["TextFeatures", "Verdict", "Verifier", "extract", "pair_features"]
 
 
@@ -752,57 +754,129 @@ FEATURES: Final = (
 # --------------------------------------------------------------------------- verifier
 
 
+class _Linear:
+    """A logistic regression over the 13 :data:`FEATURES` (standardised with mean/scale)."""
+
+    __slots__ = ("bias", "cut", "mean", "scale", "weights")
+
+    def __init__(self, spec: dict) -> None:
+        if tuple(spec["features"]) != FEATURES:
+            raise ValueError(f"features {spec['features']} != {FEATURES}")
+        self.weights = [float(w) for w in spec["weights"]]
+        self.bias = float(spec["bias"])
+        self.cut = float(spec["cut"])
+        self.mean = [float(x) for x in spec["mean"]]
+        self.scale = [float(x) for x in spec["scale"]]
+        if not len(self.weights) == len(self.mean) == len(self.scale) == len(FEATURES):
+            raise ValueError("weights, mean and scale must have one value per feature")
+
+    def logit(self, x: list[float]) -> float:
+        z = self.bias
+        for xi, w, m, s in zip(x, self.weights, self.mean, self.scale, strict=True):
+            z += w * (xi - m) / s
+        return z
+
+
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z)) if z > -60 else 0.0
+
+
+def _unit(v: object) -> np.ndarray:
+    """float32 unit vector (stored vectors may be float16 / int8-scaled)."""
+    a = np.asarray(v, dtype=np.float32).reshape(-1)
+    n2 = float(a @ a)
+    if n2 > 0.0 and abs(n2 - 1.0) > 1e-3:
+        a = a / np.float32(math.sqrt(n2))
+    return a
+
+
 class Verifier:
     """Decide whether a cached candidate may answer a query.
 
     ``guards=False`` reduces it to the similarity threshold. ``weights_path`` (JSON written by
-    models/train_verifier.py) adds a logistic regression over :data:`FEATURES`; its probability
-    must reach the file's ``cut`` and becomes the verdict's score. Guards stay hard rejections
-    when ``guards=True``.
+    models/train_verifier.py) adds a logistic regression; its probability must reach the file's
+    ``cut`` and becomes the verdict's score. Guards stay hard rejections when ``guards=True``
+    (for the guards listed in the file's ``hard_guards``).
+
+    Two kinds of weight files:
+
+    * ``"kind": "pair"`` (or no kind): a logistic regression over the 13 :data:`FEATURES`.
+    * ``"kind": "interaction"``: the 13 features plus the embedding interaction features
+      ``q * c`` and ``|q - c|`` (2 x 384 weights, standardisation folded in). It needs the query
+      and candidate vectors (``verify(..., query_vec=, cand_vec=)``); without them it falls back
+      to the file's ``fallback`` pair model, or to the guards alone if there is none.
     """
 
-    __slots__ = ("_bias", "_cut", "_guards", "_hard", "_mean", "_scale", "_weights")
+    __slots__ = ("_abs", "_fallback", "_guards", "_hard", "_joint", "_prod")
 
     def __init__(self, *, guards: bool = True, weights_path: str | Path | None = None) -> None:
         self._guards = guards
-        self._weights: list[float] | None = None
-        self._bias = 0.0
-        self._cut = 0.5
-        self._mean: list[float] = []
-        self._scale: list[float] = []
+        self._fallback: _Linear | None = None  # 13-feature model (used without vectors)
+        self._joint: _Linear | None = None  # 13-feature part of the interaction model
+        self._prod: np.ndarray | None = None
+        self._abs: np.ndarray | None = None
         self._hard: frozenset[str] = frozenset(GUARDS)
         if weights_path is not None:
             spec = json.loads(Path(weights_path).read_text())
-            if tuple(spec["features"]) != FEATURES:
-                raise ValueError(f"{weights_path}: features {spec['features']} != {FEATURES}")
-            self._weights = [float(w) for w in spec["weights"]]
-            self._bias = float(spec["bias"])
-            self._cut = float(spec["cut"])
-            self._mean = [float(x) for x in spec["mean"]]
-            self._scale = [float(x) for x in spec["scale"]]
+            try:
+                if spec.get("kind", "pair") == "interaction":
+                    vw = spec["vector_weights"]
+                    self._prod = np.asarray(vw["prod"], dtype=np.float32)
+                    self._abs = np.asarray(vw["abs"], dtype=np.float32)
+                    if self._prod.shape != self._abs.shape or self._prod.ndim != 1:
+                        raise ValueError("vector_weights prod/abs must be equal-length lists")
+                    self._joint = _Linear(spec)
+                    fb = spec.get("fallback")
+                    self._fallback = _Linear(fb) if fb else None
+                else:
+                    self._fallback = _Linear(spec)
+            except ValueError as exc:
+                raise ValueError(f"{weights_path}: {exc}") from None
             self._hard = frozenset(spec.get("hard_guards", GUARDS))
 
-    def verify(self, query: str, candidate: str, similarity: float, threshold: float) -> Verdict:
-        """Return whether serving ``candidate``'s answer to ``query`` is safe, and why not."""
+    @property
+    def uses_vectors(self) -> bool:
+        """Whether ``verify`` makes use of ``query_vec`` / ``cand_vec`` (interaction weights)."""
+        return self._prod is not None
+
+    def verify(
+        self,
+        query: str,
+        candidate: str,
+        similarity: float,
+        threshold: float,
+        *,
+        query_vec: np.ndarray | None = None,
+        cand_vec: np.ndarray | None = None,
+    ) -> Verdict:
+        """Return whether serving ``candidate``'s answer to ``query`` is safe, and why not.
+
+        ``query_vec`` / ``cand_vec``: the two embeddings (384 floats, L2-normalised; float16 is
+        fine) for interaction weights; ignored otherwise.
+        """
         if similarity < threshold:
             return Verdict(False, f"similarity {similarity:.3f} < {threshold:.3f}", similarity)
-        if not self._guards and self._weights is None:
+        use_vec = self._prod is not None and query_vec is not None and cand_vec is not None
+        model = self._joint if use_vec else self._fallback
+        if not self._guards and model is None:
             return Verdict(True, "", similarity)
         if query == candidate:
-            return Verdict(True, "", 1.0 if self._weights is not None else similarity)
+            return Verdict(True, "", 1.0 if model is not None else similarity)
         q, c = extract(query), extract(candidate)
-        flags = guard_flags(q, c, first=self._weights is None)
+        flags = guard_flags(q, c, first=model is None)
         if self._guards:
             for g in GUARDS:
                 if g in flags and g in self._hard:
                     return Verdict(False, flags[g], similarity)
-        if self._weights is None:
+        if model is None:
             return Verdict(True, "", similarity)
-        x = pair_features(q, c, similarity, flags)
-        z = self._bias
-        for xi, w, m, s in zip(x, self._weights, self._mean, self._scale, strict=True):
-            z += w * (xi - m) / s
-        p = 1.0 / (1.0 + math.exp(-z)) if z > -60 else 0.0
-        if p < self._cut:
-            return Verdict(False, f"learned: p={p:.3f} < {self._cut:.3f}", p)
+        z = model.logit(pair_features(q, c, similarity, flags))
+        if use_vec:
+            qv, cv = _unit(query_vec), _unit(cand_vec)
+            if qv.shape != self._prod.shape or cv.shape != self._prod.shape:  # type: ignore[union-attr]
+                raise ValueError(f"vectors must have {self._prod.shape[0]} dims")  # type: ignore[union-attr]
+            z += float(self._prod @ (qv * cv)) + float(self._abs @ np.abs(qv - cv))  # type: ignore[operator]
+        p = _sigmoid(z)
+        if p < model.cut:
+            return Verdict(False, f"learned: p={p:.3f} < {model.cut:.3f}", p)
         return Verdict(True, "", p)

@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -194,3 +195,110 @@ def test_changing_one_number_is_rejected(
         c = template.format(a=fmt(a), b=fmt(new))
     d = Verifier().verify(q, c, 0.99, THR)
     assert not d.ok and d.reason.startswith("numbers"), (q, c, d)
+
+
+# --------------------------------------------------------------------------- interaction model
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "verifier.json"
+
+
+def _interaction_spec(bias: float, abs_w: float, fallback_bias: float | None) -> dict:
+    n = len(FEATURES)
+    lin = {
+        "features": list(FEATURES),
+        "weights": [0.0] * n,
+        "mean": [0.0] * n,
+        "scale": [1.0] * n,
+        "cut": 0.5,
+    }
+    spec = {
+        "kind": "interaction",
+        **lin,
+        "bias": bias,
+        # |q - c| summed: 0 for the same vector, ~1.1 per unit of distance for random ones
+        "vector_weights": {"prod": [0.0] * 384, "abs": [abs_w] * 384},
+    }
+    if fallback_bias is not None:
+        spec["fallback"] = {**lin, "bias": fallback_bias}
+    return spec
+
+
+def _unit_vec(seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).normal(size=384).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def test_interaction_vectors_decide(tmp_path: Path) -> None:
+    p = tmp_path / "w.json"
+    p.write_text(json.dumps(_interaction_spec(bias=5.0, abs_w=-0.5, fallback_bias=None)))
+    v = Verifier(weights_path=p)
+    assert v.uses_vectors
+    q, c = SAFE[0]
+    a = _unit_vec(0)
+    near = a + 0.01 * _unit_vec(1)
+    near /= np.linalg.norm(near)
+    ok = v.verify(q, c, SIM, THR, query_vec=a, cand_vec=near)
+    assert ok.ok and ok.score > 0.9
+    far = v.verify(q, c, SIM, THR, query_vec=a, cand_vec=_unit_vec(2))
+    assert not far.ok and far.reason.startswith("learned")
+    # a float16 stored vector (the index's storage) gives the same decision
+    assert v.verify(q, c, SIM, THR, query_vec=a, cand_vec=near.astype(np.float16)).ok
+    # guards stay hard rejections in front of the model
+    d = v.verify("What is 2+3?", "What is 2+4?", SIM, THR, query_vec=a, cand_vec=a)
+    assert not d.ok and d.reason.startswith("numbers")
+    with pytest.raises(ValueError, match="dims"):
+        v.verify(q, c, SIM, THR, query_vec=a[:100], cand_vec=a[:100])
+
+
+def test_interaction_without_vectors_falls_back(tmp_path: Path) -> None:
+    p = tmp_path / "w.json"
+    q, c = SAFE[0]
+    # no fallback model: guards only, as with no weights at all
+    p.write_text(json.dumps(_interaction_spec(bias=-10.0, abs_w=0.0, fallback_bias=None)))
+    v = Verifier(weights_path=p)
+    assert v.verify(q, c, SIM, THR) == Verdict(True, "", SIM)
+    assert not v.verify(q, c, SIM, THR, query_vec=_unit_vec(0), cand_vec=_unit_vec(0)).ok
+    assert v.verify(*UNSAFE[0][:2], SIM, THR).reason.startswith("numbers")
+    # with a fallback 13-feature model: it decides when no vectors are given
+    p.write_text(json.dumps(_interaction_spec(bias=10.0, abs_w=0.0, fallback_bias=-10.0)))
+    v = Verifier(weights_path=p)
+    d = v.verify(q, c, SIM, THR)
+    assert not d.ok and d.reason.startswith("learned")
+    assert v.verify(q, c, SIM, THR, query_vec=_unit_vec(0), cand_vec=_unit_vec(1)).ok
+    # a pair-kind file ignores vectors
+    spec = _interaction_spec(bias=10.0, abs_w=0.0, fallback_bias=None)
+    del spec["kind"], spec["vector_weights"]
+    p.write_text(json.dumps(spec))
+    v = Verifier(weights_path=p)
+    assert not v.uses_vectors
+    assert v.verify(q, c, SIM, THR, query_vec=_unit_vec(0), cand_vec=_unit_vec(1)).ok
+
+
+def test_shipped_interaction_weights_load() -> None:
+    spec = json.loads(SHIPPED.read_text())
+    assert spec["kind"] == "interaction" and len(spec["vector_weights"]["abs"]) == 384
+    v = Verifier(weights_path=SHIPPED)
+    assert v.uses_vectors
+    a = _unit_vec(0)
+    q, c = SAFE[0]
+    # the same vector and a clear paraphrase at high similarity: served
+    assert v.verify(q, c, 0.97, THR, query_vec=a, cand_vec=a).ok
+    # (random unit vectors are far outside the embedder's cone: no claim about them here)
+    d = v.verify(q, c, 0.86, THR, query_vec=a, cand_vec=_unit_vec(3))
+    assert 0.0 <= d.score <= 1.0
+    assert v.verify(
+        "What is 2+3?", "What is 2+4?", 0.97, THR, query_vec=a, cand_vec=a
+    ).reason.startswith("numbers")
+    # without vectors: the 13-feature fallback in the same file
+    assert 0.0 <= v.verify(q, c, 0.97, THR).score <= 1.0
+
+
+def test_interaction_verify_is_fast() -> None:
+    v = Verifier(weights_path=SHIPPED)
+    a, b = _unit_vec(0), _unit_vec(1).astype(np.float16)
+    q, c = SAFE[0]
+    v.verify(q, c, SIM, THR, query_vec=a, cand_vec=b)
+    t0 = time.process_time()
+    for _ in range(500):
+        v.verify(q, c, SIM, THR, query_vec=a, cand_vec=b)
+    assert (time.process_time() - t0) / 500 < 300e-6
