@@ -79,8 +79,9 @@ pointers 16). Every extra character of query text adds one byte. Before this lay
 Lifetime
 --------
 * Capacity: at most ``capacity`` entries; adding to a full index evicts the **oldest inserted**
-  entry first (FIFO; a replace counts as a new insertion). FIFO needs no write on the hit path,
-  and with a uniform TTL the oldest entry is also the one closest to expiry.
+  entries first (FIFO; a replace counts as a new insertion), ``capacity // 128`` at once (see
+  ``EVICT_BATCH_DIVISOR``: usearch's unlink pass then runs once per batch). FIFO needs no write
+  on the hit path, and with a uniform TTL the oldest entry is also the one closest to expiry.
 * TTL: an entry's ``expires`` is capped at ``created + ttl_s``. Search never returns an expired
   entry (checked against ``now``) and drops those it meets; ``expire()`` reclaims the rest with
   one vectorised scan of the expiry column (~ms per million entries; no per-entry heap).
@@ -126,6 +127,7 @@ SNAPSHOT_MAGIC: Final = b"EPSEMIX\x00"
 SNAPSHOT_VERSION: Final = 2  # 1: JSON entry records (still loaded); 2: binary columns
 _DTYPES: Final = {"f16": np.float16, "f32": np.float32, "i8": np.int8}
 _USEARCH_KIND: Final = {"f16": ScalarKind.F16, "f32": ScalarKind.F32, "i8": ScalarKind.I8}
+DEFAULT_DTYPE: Final = "i8"
 DEFAULT_CONNECTIVITY: Final = 16
 DEFAULT_EXPANSION_ADD: Final = 128
 DEFAULT_EXPANSION_SEARCH: Final = 32
@@ -221,7 +223,7 @@ class SemanticIndex:
         ttl_s: float = 86_400,
         brute_force_max: int = 256,
         ann_candidates: int = 16,
-        dtype: str = "i8",
+        dtype: str = DEFAULT_DTYPE,
         connectivity: int | None = None,
         expansion_add: int | None = None,
         expansion_search: int | None = None,

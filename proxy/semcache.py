@@ -25,7 +25,13 @@ from proxy.embedder import Embedder
 from proxy.exact import ExactCache
 from proxy.keys import RequestKeys
 from proxy.metrics import Metrics
-from proxy.semantic import SemanticEntry, SemanticIndex, SnapshotError, write_snapshot
+from proxy.semantic import (
+    DEFAULT_DTYPE,
+    SemanticEntry,
+    SemanticIndex,
+    SnapshotError,
+    write_snapshot,
+)
 from proxy.shared import SharedIndex
 from proxy.verifier import Verifier
 
@@ -74,7 +80,9 @@ class SemanticCache:
             try:
                 self.index = await asyncio.to_thread(
                     SemanticIndex.load, path, capacity=self.cfg.capacity, ttl_s=self.cfg.ttl_s,
-                    brute_force_max=self.cfg.brute_force_max)
+                    brute_force_max=self.cfg.brute_force_max,
+                    # an old float16 snapshot is converted to the current row type
+                    dtype=DEFAULT_DTYPE)
                 log.info("semantic index: %d entries from %s", len(self.index), path)
             except (SnapshotError, OSError, ValueError) as exc:
                 log.error("semantic snapshot %s ignored: %s", path, exc)
