@@ -414,6 +414,14 @@ class SemanticIndex:
         for sid in self._live_sids_fifo().tolist():
             yield self._entry(sid)
 
+    def vector(self, key: bytes) -> np.ndarray | None:
+        """The stored vector of an entry (unit length; float16 / int8 rows rescaled), or None."""
+        sid = self._by_key.get(key)
+        if sid is None:
+            return None
+        v = self._gather_vectors(np.array([sid], np.int64))[0].astype(np.float32)
+        return v / np.float32(np.linalg.norm(v))
+
     def memory_bytes(self) -> int:
         """Estimate of the memory held: vectors, ANN graphs and per-entry Python bookkeeping."""
         item = np.dtype(self._np_dtype).itemsize

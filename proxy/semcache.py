@@ -178,7 +178,11 @@ class SemanticCache:
                 # a smaller tier's answer is not served to a request routed to a larger one
                 self.metrics.semantic_rejects.labels("tier").inc()
                 continue
-            verdict = self.verifier.verify(keys.query_text, entry.query_text, sim, threshold)
+            if self.verifier.uses_vectors:  # learned interaction weights read both vectors
+                verdict = self.verifier.verify(keys.query_text, entry.query_text, sim, threshold,
+                                               query_vec=vec, cand_vec=self.index.vector(entry.key))
+            else:
+                verdict = self.verifier.verify(keys.query_text, entry.query_text, sim, threshold)
             if not verdict.ok:
                 self.metrics.semantic_rejects.labels(verdict.reason.split(":")[0][:32]).inc()
                 continue

@@ -624,3 +624,17 @@ def test_full_index_evicts_the_oldest_in_a_batch():
     assert idx.evictions == 10 and len(idx) == cap
     got = idx.search(vecs[cap + 5], scope_of("A"), k=1, now=T0)
     assert keys(got) == [f"k{cap + 5}".encode()]
+
+
+@pytest.mark.parametrize(("dtype", "bfm"), [("i8", 8), ("i8", 1000), ("f16", 8)])
+def test_vector_of_an_entry(dtype, bfm):
+    rng = np.random.default_rng(12)
+    idx = SemanticIndex(DIM, brute_force_max=bfm, dtype=dtype)
+    vecs = unit(rng, 40)
+    for i, v in enumerate(vecs):
+        idx.add(v, entry(f"k{i}"))
+    for i in (0, 17, 39):
+        got = idx.vector(f"k{i}".encode())
+        assert got is not None and got.dtype == np.float32
+        assert abs(float(np.linalg.norm(got)) - 1.0) < 1e-5 and float(got @ vecs[i]) > 0.999
+    assert idx.vector(b"nope") is None

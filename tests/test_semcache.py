@@ -186,3 +186,26 @@ async def test_busy_embedder_times_out_to_a_miss(make_proxy, tiers) -> None:
     r = await p.client().chat.completions.with_raw_response.create(
         model="auto", messages=ask("How do I reset my password?"))
     assert r.headers["x-cache"] == "hit-exact"
+
+
+async def test_learned_verifier_gets_both_vectors(make_proxy, tiers) -> None:
+    from pathlib import Path
+
+    from proxy.verifier import Verifier
+
+    weights = Path(__file__).resolve().parents[1] / "models" / "verifier.json"
+    p = await make_proxy(semantic={"verifier_weights": str(weights)})
+    sem = p.proxy.semantic
+    assert sem.verifier.uses_vectors
+    client = p.client()
+    q1, q2 = "How do I reset my password?", "How can I reset my password?"
+    await client.chat.completions.create(model="auto", messages=ask(q1))
+    r = await client.chat.completions.with_raw_response.create(model="auto", messages=ask(q2))
+    # the proxy's decision is the interaction model's, fed the two real vectors
+    v1, v2 = await sem.embed(q1), await sem.embed(q2)
+    sim = float(v1 @ v2)
+    want = Verifier(weights_path=weights).verify(q2, q1, sim, 0.85, query_vec=v2, cand_vec=v1)
+    assert sim >= 0.85
+    assert (r.headers["x-cache"] == "hit-semantic") == want.ok
+    without = Verifier(weights_path=weights).verify(q2, q1, sim, 0.85)  # 13-feature fallback
+    assert want.score != without.score  # the vectors changed the probability
