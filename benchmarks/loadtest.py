@@ -21,13 +21,13 @@ large lag or a share near 1 means the generator, not the server, was the bottlen
 checked against ``hey`` at the same fixed rate on the bare handler.
 
 Phases: generator check (own vs hey on the bare handler); alternating rounds of bare / proxy at
-fixed rates (exact hits at 500 req/s, semantic hits at 200 req/s) and max throughput (hey,
-closed loop, unthrottled); interference (exact hits at 300 req/s alone, then with 100 req/s of
-never-seen paraphrases beside them: exact-hit P99 with / without); a sweep of offered load for exact hits; the workloads (repeats,
-paraphrases, misses, mixed; streamed and non-streamed); time to first byte and per-chunk time of
-misses through the proxy vs straight to the mock; memory per cached entry (a second proxy over a
-zero-latency mock, filled with unique misses). Results: benchmarks/results/loadtest.json, PNG
-plots (plots.py) and a markdown table on stdout.
+fixed rates (exact hits at 500 req/s, semantic hits at 200 req/s) and max throughput (hey, closed
+loop, unthrottled); interference (exact hits at 300 req/s alone, then with 100 req/s of never-seen
+paraphrases beside them: exact-hit P99 with / without); a sweep of offered load for exact hits; the
+workloads (repeats, paraphrases, misses, mixed; streamed and non-streamed); time to first byte and
+per-chunk time of misses through the proxy vs straight to the mock; memory per cached entry (a
+second proxy over a zero-latency mock, filled with unique misses). Results:
+benchmarks/results/loadtest.json, PNG plots (plots.py) and a markdown table on stdout.
 """
 
 from __future__ import annotations
@@ -561,7 +561,8 @@ class Stack:
         self.args = args
         self.procs: list[subprocess.Popen[bytes]] = []
         self.tmp = tempfile.mkdtemp(prefix="edge-loadtest-")
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
         self.py = sys.executable
 
     def spawn(self, core: str, *cmd: str, env: dict[str, str] | None = None

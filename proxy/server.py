@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import time as _time
@@ -72,6 +73,19 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
     return app
 
 
+def freeze_startup_heap() -> None:
+    """Move everything alive after start-up out of the cyclic GC's sight (``gc.freeze``).
+
+    Modules, onnxruntime, numpy, the tokenizer and the replayed cache are ~110k tracked objects
+    that never become cyclic garbage, yet every full collection walks them all, on the event
+    loop: measured up to 212 ms per gen-2 pass during the load suite's interference phase. Frozen
+    objects are still freed by reference counting; only cycles among them would never be
+    collected.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 class JsonAccessLogger(AbstractAccessLogger):
     """One JSON object per request (server.access_log = true): what a log pipeline can parse
     without regexes. Never logs the Authorization header or the body."""
@@ -110,6 +124,7 @@ class Server:
         log.info("edge-proxy listening on http://%s:%d (tiers: %s; redis: %s)", cfg.host,
                  cfg.port, ", ".join(f"{n}={t.model}" for n, t in proxy.tiers.items()),
                  self.config.cache.redis_url or "off")
+        freeze_startup_heap()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -372,3 +372,17 @@ async def test_every_follower_gets_the_upstream_error(make_proxy, tiers) -> None
     assert await mock_requests(tiers["small"]) == 1
     r = await client.chat.completions.with_raw_response.create(model="auto", messages=MSG)
     assert r.headers["x-cache"] == "miss"  # nothing of the cut stream was stored
+
+
+def test_startup_heap_is_frozen_out_of_the_cyclic_gc() -> None:
+    # Server.serve calls it once the proxy is ready; checked in a fresh interpreter (freezing
+    # this test process's heap would outlive the test)
+    import subprocess
+    import sys
+
+    code = ("import gc, numpy, proxy.server as s; before = gc.get_freeze_count(); "
+            "s.freeze_startup_heap(); print(before, gc.get_freeze_count() > 10_000)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr[-500:]
+    assert out.stdout.split() == ["0", "True"]
