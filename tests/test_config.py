@@ -71,7 +71,7 @@ def test_errors_name_the_field(kwargs, field) -> None:  # type: ignore[no-untype
 def test_bad_file_and_unknown_fallback(tmp_path) -> None:  # type: ignore[no-untyped-def]
     bad = tmp_path / "bad.toml"
     bad.write_text("[server\nport=1")
-    with pytest.raises(ConfigError, match="bad.toml"):
+    with pytest.raises(ConfigError, match=r"bad\.toml"):
         load_config(bad, env={})
     fb = tmp_path / "fb.toml"
     fb.write_text('[tiers.small]\nurls=["http://a:1"]\nfallback=["medium"]\n')
@@ -87,3 +87,19 @@ def test_cli_exits_nonzero_naming_the_field() -> None:
     proc = run_cli("serve")
     out = proc.communicate(timeout=30)[0].decode()
     assert proc.returncode == 2 and "--tier" in out
+
+
+def test_readme_example_config_loads(tmp_path) -> None:
+    # the TOML in the README's Configure section is a working file, not a sketch
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"```toml\n(.*?)```", readme, re.S)
+    assert block is not None
+    path = tmp_path / "edge.toml"
+    path.write_text(block.group(1))
+    cfg = load_config(path, env={})
+    assert [t.name for t in cfg.tiers] == ["small", "medium", "large"]
+    assert cfg.semantic.embed_priority == "idle" and cfg.semantic.embed_timeout_s == 1.0
+    assert cfg.router.cuts == (0.4, 0.7)
