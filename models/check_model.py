@@ -28,6 +28,8 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from proxy.embedder import DISABLED_OPTIMIZERS
+
 MODELS_DIR: Final = Path(__file__).resolve().parent
 DATA_DIR: Final = Path("/work/shared/data")
 INT8: Final = MODELS_DIR / "minilm-l6-int8.onnx"
@@ -36,7 +38,6 @@ TOKENIZER: Final = MODELS_DIR / "tokenizer.json"
 MIN_MEAN: Final = 0.99
 MIN_P1: Final = 0.98
 MAX_TOKENS: Final = 128
-DISABLED_OPTIMIZERS: Final = ["SkipLayerNormFusion"]
 
 
 def load_sentences(n: int = 1000, data_dir: Path = DATA_DIR) -> list[str]:
@@ -80,7 +81,10 @@ def session(path: Path, threads: int = 1) -> ort.InferenceSession:
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     # as proxy.embedder: keep the unfused Add + LayerNormalization (build_model.py says why)
     return ort.InferenceSession(
-        str(path), so, providers=["CPUExecutionProvider"], disabled_optimizers=DISABLED_OPTIMIZERS
+        str(path),
+        so,
+        providers=["CPUExecutionProvider"],
+        disabled_optimizers=list(DISABLED_OPTIMIZERS),
     )
 
 

@@ -178,8 +178,12 @@ class Embedder:
         self._thread = threading.Thread(target=self._worker, name="embedder", daemon=True)
         self._thread.start()
 
-    async def embed(self, text: str) -> np.ndarray:
-        """The text's (384,) vector (read-only); cache hits return without the worker."""
+    async def embed(self, text: str, timeout: float | None = None) -> np.ndarray:
+        """The text's (384,) vector (read-only); cache hits return without the worker.
+
+        ``timeout``: seconds to wait for the worker, then TimeoutError; the embedding still
+        completes and lands in the cache.
+        """
         self.stats.calls += 1
         vec = self._cache.get(text)
         if vec is not None:
@@ -196,8 +200,9 @@ class Embedder:
             self._queue.put((text, fut))
         else:
             self.stats.coalesced += 1
-        # shield: one cancelled caller must not cancel the shared future of the others.
-        return await asyncio.shield(fut)
+        # shield: one cancelled (or timed-out) caller must not cancel the shared future of the
+        # others; wait_for on a future adds only a timer, no task
+        return await asyncio.wait_for(asyncio.shield(fut), timeout)
 
     def _done(self, text: str, fut: asyncio.Future[np.ndarray]) -> None:
         self._pending.pop(text, None)

@@ -157,7 +157,7 @@ class SemanticCache:
         """
         t0 = time.perf_counter()
         try:
-            vec = await asyncio.wait_for(self.embedder.embed(text), self.cfg.embed_timeout_s)
+            vec = await self.embedder.embed(text, self.cfg.embed_timeout_s)
         except TimeoutError:
             self.metrics.semantic_rejects.labels("embed_timeout").inc()
             return None
@@ -178,11 +178,10 @@ class SemanticCache:
                 # a smaller tier's answer is not served to a request routed to a larger one
                 self.metrics.semantic_rejects.labels("tier").inc()
                 continue
-            if self.verifier.uses_vectors:  # learned interaction weights read both vectors
-                verdict = self.verifier.verify(keys.query_text, entry.query_text, sim, threshold,
-                                               query_vec=vec, cand_vec=self.index.vector(entry.key))
-            else:
-                verdict = self.verifier.verify(keys.query_text, entry.query_text, sim, threshold)
+            # learned interaction weights read both vectors; other verifiers ignore them
+            cand_vec = self.index.vector(entry.key) if self.verifier.uses_vectors else None
+            verdict = self.verifier.verify(keys.query_text, entry.query_text, sim, threshold,
+                                           query_vec=vec, cand_vec=cand_vec)
             if not verdict.ok:
                 self.metrics.semantic_rejects.labels(verdict.reason.split(":")[0][:32]).inc()
                 continue

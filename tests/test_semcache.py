@@ -198,14 +198,25 @@ async def test_learned_verifier_gets_both_vectors(make_proxy, tiers) -> None:
     sem = p.proxy.semantic
     assert sem.verifier.uses_vectors
     client = p.client()
-    q1, q2 = "How do I reset my password?", "How can I reset my password?"
-    await client.chat.completions.create(model="auto", messages=ask(q1))
-    r = await client.chat.completions.with_raw_response.create(model="auto", messages=ask(q2))
-    # the proxy's decision is the interaction model's, fed the two real vectors
-    v1, v2 = await sem.embed(q1), await sem.embed(q2)
-    sim = float(v1 @ v2)
-    want = Verifier(weights_path=weights).verify(q2, q1, sim, 0.85, query_vec=v2, cand_vec=v1)
-    assert sim >= 0.85
-    assert (r.headers["x-cache"] == "hit-semantic") == want.ok
-    without = Verifier(weights_path=weights).verify(q2, q1, sim, 0.85)  # 13-feature fallback
-    assert want.score != without.score  # the vectors changed the probability
+    reference = Verifier(weights_path=weights)
+    # QQP pairs where the vector model and its 13-feature fallback disagree by a wide margin
+    pairs = [("How do I reset my password?", "How can I reset my password?"),
+             ("Which universities for MS in CS should I apply to?",
+              "Which universities should I apply for MS in CS?"),
+             ("How can I learn how to play the piano?",
+              "Is there a way I could learn to play the piano?")]
+    differs = []
+    for i, (q1, q2) in enumerate(pairs):
+        system = f"Scope {i}."  # one scope per pair: the candidate is q1
+        await client.chat.completions.create(model="auto", messages=ask(q1, system))
+        r = await client.chat.completions.with_raw_response.create(
+            model="auto", messages=ask(q2, system))
+        # the proxy's decision is the interaction model's, fed the two vectors it holds
+        (key,) = [e.key for e in sem.index.entries() if e.query_text == q1]
+        cand, query = sem.index.vector(key), await sem.embed(q2)
+        sim = float(query @ cand)
+        assert sim >= 0.85, (q1, q2)
+        want = reference.verify(q2, q1, sim, 0.85, query_vec=query, cand_vec=cand)
+        assert (r.headers["x-cache"] == "hit-semantic") == want.ok, (q1, q2, want)
+        differs.append(want.ok != reference.verify(q2, q1, sim, 0.85).ok)  # 13-feature fallback
+    assert any(differs)  # without the vectors the proxy would have decided otherwise
