@@ -56,6 +56,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import describe, machine
 
 from proxy.semantic import (
     DEFAULT_EXPANSION_SEARCH,
@@ -385,6 +386,7 @@ def main() -> None:
         if k not in ("mixture", "uniform", "clustered", "real"):
             ap.error(f"unknown data set {k!r}")
     RESULTS.mkdir(parents=True, exist_ok=True)
+    print(describe(), flush=True)
     for size in a.sizes:
         for kind in kinds:
             r = run(size, data=kind, queries=a.queries, text=a.text,
@@ -397,7 +399,7 @@ def main() -> None:
             suffix = "".join(f"_{tag}{v}" for tag, v in (
                 ("", a.dtype), ("m", a.connectivity), ("ef", a.expansion_search)) if v)
             out = RESULTS / f"bench_index_{kind}_{r['n']}{suffix}.json"
-            out.write_text(json.dumps(r, indent=2) + "\n")
+            out.write_text(json.dumps({**r, "machine": machine()}, indent=2) + "\n")
             print(f"           -> {out} ({p['dtype']}, connectivity {p['connectivity']})",
                   flush=True)
 

@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import train_router as tr  # noqa: E402
 
+from benchmarks.machine import machine  # noqa: E402
 from proxy.router import FEATURE_NAMES  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -193,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "router_eval_grouped" if args.grouped else "router_eval"
     (RESULTS / f"{stem}.json").write_text(
-        json.dumps({"header": header, "shares": SHARES.tolist(), "results": results}) + "\n"
+        json.dumps({"machine": machine(), "header": header,
+                    "shares": SHARES.tolist(), "results": results}) + "\n"
     )
     plot(results, RESULTS / f"{stem}.png", header)
     print(f"wrote {RESULTS / stem}.json and .png")

@@ -40,6 +40,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.machine import machine  # noqa: E402
 from proxy.verifier import Verifier  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -666,6 +667,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
+        "machine": machine(),
         "embedder": args.embedder,
         "args": vars(args),
         "summary": summary,

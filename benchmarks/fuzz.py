@@ -30,6 +30,7 @@ import aiohttp  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from benchmarks.machine import describe, machine  # noqa: E402
 from proxy.config import load_config  # noqa: E402
 from proxy.mock_vllm import start_mock  # noqa: E402
 from tests import test_fuzz as tf  # noqa: E402
@@ -142,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - t0
     print(f"total: {total} cases, {failures} failures, {elapsed:.0f} s, loop {args.loop}, "
           f"proxy healthy after: {after_ok}, fds {fd_start} -> {fd_end}")
-    out = {"loop": args.loop, "cases": total, "failures": failures, "seconds": round(elapsed, 1),
+    print(describe())
+    out = {"machine": machine(), "loop": args.loop,
+           "cases": total, "failures": failures, "seconds": round(elapsed, 1),
            "healthy_after": after_ok, "fds_start": fd_start, "fds_end": fd_end,
            "properties": {r.name: {"cases": r.cases, "failures": len(r.failures),
                                    "statuses": r.statuses, "first_failures": r.failures[:10]}

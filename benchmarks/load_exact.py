@@ -26,6 +26,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from machine import describe, machine
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 BODY = {"model": "auto",
@@ -115,6 +117,7 @@ def main() -> int:
         print("hey not found (Debian: apt-get install hey)", file=sys.stderr)
         return 2
     RESULTS.mkdir(parents=True, exist_ok=True)
+    print(describe(), flush=True)
     py = sys.executable
     mport, pport, bport = free_port(), free_port(), free_port()
     procs: list[subprocess.Popen[bytes]] = []
@@ -164,6 +167,7 @@ def main() -> int:
         misses = re.search(r'edge_proxy_requests_total\{endpoint="chat",outcome="miss",'
                            r'tier="small"\} ([\d.e+]+)', metrics)
         result = {
+            "machine": machine(),
             "rate": args.rate, "seconds": args.seconds, "rounds": args.rounds,
             "bare": {"fixed": median_of(fixed["bare"]), "max_rps": median_of(peak["bare"])["rps"]},
             "proxy_exact_hit": {"fixed": median_of(fixed["proxy"]),
@@ -186,6 +190,7 @@ def main() -> int:
                   f"{d['max_rps']:>11.0f}")
         rt = result["ratios"]
         print(f"{'ratio':<16}{rt['p50']:>9.2f}{'':>9}{rt['p99']:>9.2f}{rt['max_rps']:>11.2f}")
+        print(describe(result["machine"]))
         print(f"(at {args.rate:.0f} req/s, medians of {args.rounds} alternating rounds; "
               f"results in {args.out})")
         return 0

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.load_exact import wait_redis  # noqa: E402
+from benchmarks.machine import describe, machine  # noqa: E402
 from proxy.config import CacheConfig, SemanticConfig  # noqa: E402
 from proxy.exact import ExactCache  # noqa: E402
 from proxy.metrics import Metrics  # noqa: E402
@@ -104,7 +106,9 @@ def main() -> None:
     ap.add_argument("--entries", type=int, default=100_000)
     ap.add_argument("--scopes", type=int, default=1000)
     args = ap.parse_args()
-    result = asyncio.run(main_async(args.entries, args.scopes))
+    print(describe(), flush=True)
+    result: dict[str, Any] = {**asyncio.run(main_async(args.entries, args.scopes)),
+                              "machine": machine()}
     print(json.dumps(result, indent=2))
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)

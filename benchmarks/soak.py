@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from machine import describe, machine
 
 ROOT = Path(__file__).resolve().parent.parent
 QQP = Path(os.environ.get("EDGE_PROXY_QQP", "/work/shared/data/qqp/qqp_dev.csv.gz"))
@@ -275,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log", default="", help="file for the children's output")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/soak.json"))
     args = ap.parse_args(argv)
+    print(describe(), flush=True)
     res = asyncio.run(run(args))
+    res["machine"] = machine()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     r, f = res["rss_mib"], res["fds"]
