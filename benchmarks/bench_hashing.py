@@ -1,6 +1,7 @@
 """Key hashing: native canonical encoding + BLAKE2b vs its pure-Python twin.
 
-Run: pytest benchmarks/bench_hashing.py --benchmark-only --benchmark-json benchmarks/results/hashing.json
+Run: pytest benchmarks/bench_hashing.py --benchmark-only \
+       --benchmark-json benchmarks/results/hashing.json
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from proxy.keys import request_keys
 try:
     from proxy import _hashing
 except ImportError:  # pragma: no cover
-    _hashing = None  # type: ignore[assignment]
+    _hashing = None
 
 SHORT = {"model": "auto", "temperature": 0.0, "messages": [
     {"role": "system", "content": "You are a helpful assistant."},
@@ -33,7 +34,7 @@ if _hashing is not None:
 
 @pytest.mark.parametrize("body", [SHORT, LONG], ids=["short", "long"])
 @pytest.mark.parametrize("impl", list(IMPLS))
-def test_request_digests(benchmark, impl, body) -> None:  # type: ignore[no-untyped-def]
+def test_request_digests(benchmark, impl, body) -> None:
     fn = IMPLS[impl]
     scope = ("ns", "chat", "auto", {k: v for k, v in body.items() if k != "messages"},
              body["messages"][:-1])
@@ -43,6 +44,6 @@ def test_request_digests(benchmark, impl, body) -> None:  # type: ignore[no-unty
     benchmark.extra_info["impl"] = impl
 
 
-def test_request_keys_public(benchmark) -> None:  # type: ignore[no-untyped-def]
+def test_request_keys_public(benchmark) -> None:
     """The whole key step of the hot path, as handlers call it."""
     benchmark(request_keys, "ns", "chat", "auto", SHORT)

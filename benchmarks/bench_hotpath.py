@@ -83,17 +83,17 @@ def full_l1() -> L1Cache:
     return l1
 
 
-def test_l1_get_hit(benchmark, full_l1: L1Cache) -> None:  # type: ignore[no-untyped-def]
+def test_l1_get_hit(benchmark, full_l1: L1Cache) -> None:
     k, now = key(N_ENTRIES // 2), time.monotonic()
     assert benchmark(full_l1.get, k, now) is not None
 
 
-def test_l1_get_miss(benchmark, full_l1: L1Cache) -> None:  # type: ignore[no-untyped-def]
+def test_l1_get_miss(benchmark, full_l1: L1Cache) -> None:
     k, now = key(N_ENTRIES + 1), time.monotonic()
     assert benchmark(full_l1.get, k, now) is None
 
 
-def test_l1_set_evicting(benchmark, full_l1: L1Cache) -> None:  # type: ignore[no-untyped-def]
+def test_l1_set_evicting(benchmark, full_l1: L1Cache) -> None:
     """A new key into the full LRU: insert + evict the oldest."""
     a, now = answer(), time.monotonic()
     counter = iter(range(N_ENTRIES, 1 << 60))
@@ -142,7 +142,7 @@ def l2(redis_url: str, loop: asyncio.AbstractEventLoop) -> Iterator[RedisL2]:
     loop.run_until_complete(store.close())
 
 
-def test_redis_raw_get_x100(benchmark, l2: RedisL2,  # type: ignore[no-untyped-def]
+def test_redis_raw_get_x100(benchmark, l2: RedisL2,
                             loop: asyncio.AbstractEventLoop) -> None:
     """100 sequential redis.asyncio GETs of a stored answer (bytes only)."""
     rkey = l2.rkey(key(1), "ns")
@@ -158,7 +158,7 @@ def test_redis_raw_get_x100(benchmark, l2: RedisL2,  # type: ignore[no-untyped-d
     benchmark.extra_info["ops_per_round"] = REDIS_BATCH
 
 
-def test_l2_get_x100(benchmark, l2: RedisL2,  # type: ignore[no-untyped-def]
+def test_l2_get_x100(benchmark, l2: RedisL2,
                      loop: asyncio.AbstractEventLoop) -> None:
     """100 sequential RedisL2.get: GET + parse into a CachedAnswer, as a request does."""
 
@@ -177,14 +177,14 @@ def test_l2_get_x100(benchmark, l2: RedisL2,  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("include_usage", [False, True], ids=["plain", "usage"])
-def test_sse_build(benchmark, include_usage: bool) -> None:  # type: ignore[no-untyped-def]
+def test_sse_build(benchmark, include_usage: bool) -> None:
     """First replay of an entry: decode the stored JSON, build the SSE frames."""
     out = benchmark.pedantic(lambda a: a.sse(include_usage), setup=lambda: ((answer(),), {}),
                              rounds=3000, warmup_rounds=50)
     assert out.endswith(b"data: [DONE]\n\n")
 
 
-def test_sse_cached(benchmark) -> None:  # type: ignore[no-untyped-def]
+def test_sse_cached(benchmark) -> None:
     """Every later replay of the same entry: the bytes built the first time."""
     a = answer()
     a.sse(False)
@@ -195,7 +195,7 @@ def test_sse_cached(benchmark) -> None:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("raw", [SHORT_REQ, LONG_REQ], ids=["short", "long"])
-def test_parse_validate(benchmark, raw: bytes) -> None:  # type: ignore[no-untyped-def]
+def test_parse_validate(benchmark, raw: bytes) -> None:
     cfg = ServerConfig()
 
     def step() -> dict[str, object]:

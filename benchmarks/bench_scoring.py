@@ -22,7 +22,7 @@ from proxy import scoring
 try:
     from proxy import _scoring
 except ImportError:
-    _scoring = None  # type: ignore[assignment]
+    _scoring = None
 
 D = 384
 K = 4

@@ -110,7 +110,7 @@ class TryaiiEmbedder:
 def make_embedder(kind: str) -> tuple[str, Callable[[Sequence[str]], np.ndarray]]:
     """Return (model id for the cache key, embed function) for ``project`` or ``tryaii``."""
     if kind == "project":
-        from proxy.embedder import Embedder  # type: ignore[import-not-found]
+        from proxy.embedder import Embedder
 
         emb = Embedder()
         emb.load()

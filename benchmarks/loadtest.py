@@ -668,7 +668,7 @@ def http_json(url: str, token: str | None = None) -> Any:
 
 def admin_stats(base: str) -> dict[str, Any]:
     """/admin/stats of a proxy started by Stack.proxy."""
-    return http_json(base + "/admin/stats", ADMIN_TOKEN)  # type: ignore[no-any-return]
+    return http_json(base + "/admin/stats", ADMIN_TOKEN)
 
 
 _METRIC = re.compile(r"^([a-z_]+)(\{[^}]*\})? ([0-9.e+-]+)$", re.M)

@@ -10,7 +10,7 @@ import logging
 import sys
 
 from proxy import __version__
-from proxy.config import ConfigError, load_config
+from proxy.config import Config, ConfigError, load_config
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -25,7 +25,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
 
-def _config_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _config_from(args: argparse.Namespace) -> Config:
     return load_config(
         args.config,
         overrides={

@@ -125,7 +125,9 @@ def usage_of(body: dict[str, Any]) -> tuple[int, int]:
 def is_complete(body: dict[str, Any]) -> bool:
     """True when every choice finished with ``stop``: the only answers worth storing."""
     choices = body.get("choices")
-    return bool(choices) and all(
+    if not choices:
+        return False
+    return all(
         isinstance(c, dict) and c.get("finish_reason") == "stop" and c.get("logprobs") is None
         for c in choices)
 

@@ -444,8 +444,8 @@ def load_config(
         if section == "tiers":
             raise ConfigError("EDGE_PROXY_TIERS__*: set tiers with EDGE_PROXY_TIERS=NAME=URL,...")
         data.setdefault(section, {}).update(values)
-    for section, values in (overrides or {}).items():
-        data.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+    for section, given in (overrides or {}).items():
+        data.setdefault(section, {}).update({k: v for k, v in given.items() if v is not None})
     flags = list(tier_flags or [])
     if env.get(ENV_PREFIX + "TIERS"):
         flags = [s for s in env[ENV_PREFIX + "TIERS"].split(";") if s.strip()] + flags

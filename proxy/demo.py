@@ -49,7 +49,7 @@ def _pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     s = sorted(values)
-    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+    return s[min(len(s) - 1, round(q / 100 * (len(s) - 1)))]
 
 
 async def _demo(requests: int, concurrency: int, redis: str | None) -> int:
@@ -114,7 +114,7 @@ async def _demo(requests: int, concurrency: int, redis: str | None) -> int:
         await asyncio.gather(*(one(session, q, m, s) for q, m, s in work))
     wall = time.perf_counter() - t_start
     upstream_calls = sum(m.requests for _, m, _, _ in tiers)
-    led = metrics.ledger.summary()
+    led: dict[str, Any] = metrics.ledger.summary()
 
     print()
     print(f"{'outcome':<12}{'requests':>9}{'p50 ms':>10}{'p99 ms':>10}")
@@ -129,13 +129,13 @@ async def _demo(requests: int, concurrency: int, redis: str | None) -> int:
     print(f"cache hits          {hits} ({hits / requests:.0%})")
     print(f"upstream calls      {upstream_calls} (saved {requests - upstream_calls})")
     for name, mock, _, _ in tiers:
-        t = led["tiers"].get(name, {})  # type: ignore[union-attr]
+        t = led["tiers"].get(name, {})
         print(f"  {name:<7} {mock.model:<11} calls {mock.requests:>4}  hits "
               f"{t.get('cache_hits', 0):>4}  spent ${t.get('spent_usd', 0):.6f}  saved "
               f"${t.get('saved_usd', 0):.6f}")
-    spent = float(led["spent_usd"])  # type: ignore[arg-type]
+    spent = float(led["spent_usd"])
     print(f"cost without proxy  ${without_proxy:.6f}")
-    print(f"cost with proxy     ${spent:.6f}  (saved ${float(led['saved_usd']):.6f}, "  # type: ignore[arg-type]
+    print(f"cost with proxy     ${spent:.6f}  (saved ${float(led['saved_usd']):.6f}, "
           f"{1 - spent / without_proxy if without_proxy else 0:.0%})")
     assert proxy is not None
     await runner.cleanup()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import os
 import queue
@@ -196,7 +197,7 @@ class Embedder:
                 raise RuntimeError("Embedder.start() has not been awaited")
             fut = self._loop.create_future()
             self._pending[text] = fut
-            fut.add_done_callback(lambda f, t=text: self._done(t, f))
+            fut.add_done_callback(functools.partial(self._done, text))
             self._queue.put((text, fut))
         else:
             self.stats.coalesced += 1

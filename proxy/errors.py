@@ -14,7 +14,7 @@ from aiohttp import web
 
 
 class ProxyError(Exception):
-    """An error with an HTTP status and an OpenAI-style body; raised anywhere on the request path."""
+    """An error with an HTTP status and an OpenAI-style body; raised on the request path."""
 
     __slots__ = ("code", "err_type", "headers", "message", "param", "status")
 

@@ -74,7 +74,7 @@ class PipelineWriter:
                     for op in ops:
                         op(pipe)
                     await pipe.execute()
-            except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, RedisError, OSError) as exc:
                 self.on_error(exc)
 
     async def flush(self, timeout: float = 1.0) -> None:
@@ -222,7 +222,7 @@ class RedisL2:
             # every pooled connection busy: Redis is fine, this lookup goes on without it
             self.metrics.redis_errors.labels("pool_exhausted").inc()
             return None
-        except (RedisError, OSError, asyncio.TimeoutError):
+        except (TimeoutError, RedisError, OSError):
             self._mark_down("get")
             return None
         return CachedAnswer.loads(raw) if raw else None
@@ -239,7 +239,7 @@ class RedisL2:
         if self.up:
             try:
                 return bool(await self.client.delete(self.rkey(key, namespace)))
-            except (RedisError, OSError, asyncio.TimeoutError):
+            except (TimeoutError, RedisError, OSError):
                 self._mark_down("delete")
         return False
 
@@ -258,7 +258,7 @@ class RedisL2:
                     batch = []
             if batch:
                 n += await self.client.unlink(*batch)
-        except (RedisError, OSError, asyncio.TimeoutError):
+        except (TimeoutError, RedisError, OSError):
             self._mark_down("purge")
         return n
 

@@ -247,7 +247,7 @@ class Flight:
                 self.started = True
                 self._notify()
                 event = await _next_event(opened.resp)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             opened.close(ok=False)
             self._fail(upstream_timeout(f"tier {self.tier.name}: stream stalled"))
             return

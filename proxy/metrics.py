@@ -81,16 +81,16 @@ class HotPath(Collector):
                                   labels=["outcome"])
         for outcome, counts in self.latency.items():
             cum, buckets = 0.0, []
-            for le, n in zip((*map(str, LATENCY_BUCKETS), "+Inf"), counts[:-1], strict=True):
-                cum += n
+            for le, count in zip((*map(str, LATENCY_BUCKETS), "+Inf"), counts[:-1], strict=True):
+                cum += count
                 buckets.append((le, cum))
             h.add_metric([outcome], buckets, counts[-1])
         yield h
         s = CounterMetricFamily("edge_proxy_cost_saved_usd", "USD saved by cache hits (the cost "
                                 "on the tier that would have answered)",
                                 labels=["tier", "namespace"])
-        for labels, usd in self.saved.items():
-            s.add_metric(list(labels), usd)
+        for tier_ns, usd in self.saved.items():
+            s.add_metric(list(tier_ns), usd)
         yield s
 
     def outcomes(self) -> dict[str, int]:

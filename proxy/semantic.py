@@ -481,8 +481,8 @@ class SemanticIndex:
             dtype="f16" if self.dtype == "i8" else self.dtype,
             scopes=scopes,
             tiers=list(self._tiers),
-            keys=[keys[s] for s in sid_list],  # type: ignore[misc]
-            texts=[texts[s] for s in sid_list],  # type: ignore[misc]
+            keys=[keys[s] for s in sid_list],
+            texts=[texts[s] for s in sid_list],
             scope_idx=scope_idx.astype(np.int32).reshape(-1),
             tier_idx=self._tier[sids],
             max_tokens=self._maxtok[sids],
@@ -716,7 +716,7 @@ class SemanticIndex:
         sc_nums = np.full(max(1, len(scopes)), -1, np.int32)
         for j in np.unique(scope_idx[order]).tolist():
             sc_objs[j] = self._scope_for(*scopes[j])
-            sc_nums[j] = sc_objs[j].num  # type: ignore[union-attr]
+            sc_nums[j] = sc_objs[j].num
         sids_l = self._alloc_sids(m)
         sids = np.asarray(sids_l, np.int64)
         order_l = order.tolist()

@@ -20,8 +20,8 @@ import orjson
 
 from proxy.answer import CachedAnswer
 from proxy.config import Config, parse_flows
-from proxy.flight import PATHS
 from proxy.errors import ProxyError
+from proxy.flight import PATHS
 from proxy.metrics import Metrics
 from proxy.tokens import completion_text
 from proxy.upstream import TierClient, UpstreamFailure

@@ -88,7 +88,7 @@ class SharedIndex:
             if not recs:
                 break
             adds: list[tuple[np.ndarray, SemanticEntry]] = []
-            for rid, fields in recs:
+            for _rid, fields in recs:
                 if fields.get(b"op") == b"add":
                     item = self._decode(fields)
                     if item is not None:

@@ -25,7 +25,7 @@ def _tokenizer() -> Any:
         tok.no_truncation()
         tok.no_padding()
         return tok
-    except Exception as exc:  # noqa: BLE001 - any failure means: estimate by length
+    except Exception as exc:
         log.info("token estimates by length (no tokenizer: %s)", exc)
         return None
 

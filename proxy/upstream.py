@@ -88,7 +88,8 @@ def error_from_upstream(status: int, raw: bytes) -> ProxyError:
     try:
         obj = orjson.loads(raw)
         if isinstance(obj, dict):
-            inner = obj.get("error") if isinstance(obj.get("error"), dict) else obj
+            err = obj.get("error")
+            inner = err if isinstance(err, dict) else obj
             message = str(inner.get("message") or message)
             param = inner.get("param") if isinstance(inner.get("param"), str) else None
             if 400 <= status < 500:
@@ -146,8 +147,8 @@ class TierClient:
                     self.model = data["data"][0]["id"]
                     log.info("tier %s serves %r (from %s)", self.name, self.model, ep.url)
                     return self.model
-            except (aiohttp.ClientError, asyncio.TimeoutError, KeyError, IndexError,
-                    ValueError, TypeError) as exc:
+            except (TimeoutError, aiohttp.ClientError, KeyError, IndexError, ValueError,
+                    TypeError) as exc:
                 errors.append(f"{ep.url}: {exc!r}")
         raise RuntimeError(f"tier {self.name}: no upstream answered /v1/models "
                            f"({'; '.join(errors)}); set tiers.{self.name}.model to start anyway")
@@ -264,7 +265,7 @@ class TierClient:
                                            headers={"Content-Type": "application/json"},
                                            timeout=self._stream_timeout if stream
                                            else self._json_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise fail(upstream_timeout(f"tier {self.name}: no response from {ep.url} in time"),
                        "timeout") from None
         except aiohttp.ClientConnectorError:
@@ -280,7 +281,7 @@ class TierClient:
         if resp.status != 200:
             try:
                 raw = await resp.read()
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 raw = b""
             finally:
                 resp.release()

@@ -23,6 +23,7 @@ import itertools
 import json
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -615,8 +616,8 @@ def _extract_cached(text: str) -> TextFeatures:
 # --------------------------------------------------------------------------- guards
 
 
-def _fmt(items: object) -> str:
-    s = sorted(items)  # type: ignore[call-overload]
+def _fmt(items: Iterable[str]) -> str:
+    s = sorted(items)
     return "{" + ", ".join(s) + "}" if s else "{}"
 
 
@@ -872,10 +873,12 @@ class Verifier:
             return Verdict(True, "", similarity)
         z = model.logit(pair_features(q, c, similarity, flags))
         if use_vec:
+            prod = self._prod
+            assert prod is not None  # use_vec
             qv, cv = _unit(query_vec), _unit(cand_vec)
-            if qv.shape != self._prod.shape or cv.shape != self._prod.shape:  # type: ignore[union-attr]
-                raise ValueError(f"vectors must have {self._prod.shape[0]} dims")  # type: ignore[union-attr]
-            z += float(self._prod @ (qv * cv)) + float(self._abs @ np.abs(qv - cv))  # type: ignore[operator]
+            if qv.shape != prod.shape or cv.shape != prod.shape:
+                raise ValueError(f"vectors must have {prod.shape[0]} dims")
+            z += float(prod @ (qv * cv)) + float(self._abs @ np.abs(qv - cv))
         p = _sigmoid(z)
         if p < model.cut:
             return Verdict(False, f"learned: p={p:.3f} < {model.cut:.3f}", p)

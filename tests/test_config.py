@@ -33,7 +33,7 @@ def test_defaults_start_with_nothing_configured() -> None:
     assert cfg.server.host == "127.0.0.1" and cfg.cache.redis_url == "" and cfg.tiers == ()
 
 
-def test_file_env_flags_precedence(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_file_env_flags_precedence(tmp_path) -> None:
     path = tmp_path / "edge.toml"
     path.write_text(TOML)
     cfg = load_config(path, env={})
@@ -62,13 +62,13 @@ def test_file_env_flags_precedence(tmp_path) -> None:  # type: ignore[no-untyped
     ({"env": {}, "tier_flags": ["small"]}, "tiers"),
     ({"env": {"EDGE_PROXY_ROUTER__DEFAULT_TIER": "huge"}}, "router.default_tier"),
 ])
-def test_errors_name_the_field(kwargs, field) -> None:  # type: ignore[no-untyped-def]
+def test_errors_name_the_field(kwargs, field) -> None:
     with pytest.raises(ConfigError) as exc:
         load_config(**kwargs)
     assert str(exc.value).startswith(field)
 
 
-def test_bad_file_and_unknown_fallback(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_bad_file_and_unknown_fallback(tmp_path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[server\nport=1")
     with pytest.raises(ConfigError, match=r"bad\.toml"):

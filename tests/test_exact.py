@@ -113,7 +113,7 @@ async def test_proxy_keeps_serving_without_redis(make_proxy, tiers) -> None:
         assert "edge_proxy_redis_up 0.0" in await r.text()
 
 
-async def wait_http(url: str, proc, timeout: float = 20) -> None:  # type: ignore[no-untyped-def]
+async def wait_http(url: str, proc, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as s:
         while time.monotonic() < deadline:

@@ -13,7 +13,7 @@ from proxy import NO_EXTENSIONS, hashing
 try:
     from proxy import _hashing
 except ImportError:  # pragma: no cover - only without the build
-    _hashing = None  # type: ignore[assignment]
+    _hashing = None
 
 IMPLS = [pytest.param(("py", hashing._py_canonical, hashing._py_request_digests), id="py")]
 if _hashing is not None:
@@ -42,7 +42,7 @@ def test_native_is_the_public_implementation() -> None:
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("value", EDGE, ids=repr)
-def test_edge_cases_match_spec(impl, value) -> None:  # type: ignore[no-untyped-def]
+def test_edge_cases_match_spec(impl, value) -> None:
     _, canonical, _ = impl
     assert canonical(value) == hashing._py_canonical(value)
 
@@ -50,13 +50,13 @@ def test_edge_cases_match_spec(impl, value) -> None:  # type: ignore[no-untyped-
 @pytest.mark.skipif(_hashing is None, reason="extension not built")
 @settings(max_examples=500, deadline=None)
 @given(json_values, json_values)
-def test_native_equals_twin_on_random_json(a, b) -> None:  # type: ignore[no-untyped-def]
+def test_native_equals_twin_on_random_json(a, b) -> None:
     assert _hashing.canonical(a) == hashing._py_canonical(a)
     assert _hashing.request_digests(a, b) == hashing._py_request_digests(a, b)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_encoding_is_unambiguous(impl) -> None:  # type: ignore[no-untyped-def]
+def test_encoding_is_unambiguous(impl) -> None:
     _, canonical, _ = impl
     # values that naive concatenation or str() would confuse
     distinct = [["ab", "c"], ["a", "bc"], "1", 1, 1.5, "1.5", None, "None", [], {}, "", [""],
@@ -66,7 +66,7 @@ def test_encoding_is_unambiguous(impl) -> None:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_dict_order_and_int_float_equivalence(impl) -> None:  # type: ignore[no-untyped-def]
+def test_dict_order_and_int_float_equivalence(impl) -> None:
     _, canonical, digests = impl
     assert canonical({"a": 1, "b": [1.0, 2]}) == canonical({"b": [1, 2.0], "a": 1.0})
     assert canonical({"t": 0.7}) != canonical({"t": 0.70001})
@@ -76,7 +76,7 @@ def test_dict_order_and_int_float_equivalence(impl) -> None:  # type: ignore[no-
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_rejects_unsupported_types(impl) -> None:  # type: ignore[no-untyped-def]
+def test_rejects_unsupported_types(impl) -> None:
     _, canonical, _ = impl
     with pytest.raises(TypeError):
         canonical({1: "int key"})

@@ -5,7 +5,7 @@ from __future__ import annotations
 from proxy.keys import CHAT, COMPLETIONS, namespace_of, request_keys
 
 
-def chat(content: str = "What is the capital of France?", **kw):  # type: ignore[no-untyped-def]
+def chat(content: str = "What is the capital of France?", **kw):
     return {"model": "auto", "messages": [{"role": "system", "content": "Be brief."},
                                           {"role": "user", "content": content}], **kw}
 

@@ -11,17 +11,17 @@ import pytest
 MSG = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-async def mock_requests(tier) -> int:  # type: ignore[no-untyped-def]
+async def mock_requests(tier) -> int:
     async with aiohttp.ClientSession() as s, s.get(tier.url + "/stats") as r:
         return int((await r.json())["requests"])
 
 
-async def set_faults(tier, **faults) -> None:  # type: ignore[no-untyped-def]
+async def set_faults(tier, **faults) -> None:
     async with aiohttp.ClientSession() as s, s.post(tier.url + "/faults", json=faults) as r:
         assert r.status == 200
 
 
-async def collect(stream) -> tuple[str, list]:  # type: ignore[no-untyped-def]
+async def collect(stream) -> tuple[str, list]:
     chunks = [c async for c in stream]
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     return text, chunks
@@ -343,7 +343,7 @@ async def test_twenty_identical_streams_one_upstream_call(make_proxy, tiers) -> 
     await set_faults(tiers["small"], tpot_ms=10, count=-1)
     p = await make_proxy()
     client = p.client()
-    async def one():  # type: ignore[no-untyped-def]
+    async def one():
         return await collect(await client.chat.completions.create(
             model="auto", messages=MSG, stream=True, stream_options={"include_usage": True}))
 
@@ -359,7 +359,7 @@ async def test_every_follower_gets_the_upstream_error(make_proxy, tiers) -> None
     p = await make_proxy()
     client = p.client()
 
-    async def one():  # type: ignore[no-untyped-def]
+    async def one():
         try:
             await collect(await client.chat.completions.create(model="auto", messages=MSG,
                                                                stream=True))

@@ -49,7 +49,7 @@ async def test_breaker_opens_then_recovers(make_proxy, tiers) -> None:
     assert text
 
 
-async def _metrics(p) -> str:  # type: ignore[no-untyped-def]
+async def _metrics(p) -> str:
     import aiohttp
 
     async with aiohttp.ClientSession() as s, s.get(p.url + "/metrics") as r:
@@ -62,7 +62,7 @@ async def test_overload_gets_429_with_retry_after(make_proxy, tiers) -> None:
                          tier_options={"small": {"max_concurrency": 2, "max_queue": 1}})
     client = p.client()
 
-    async def one(i: int):  # type: ignore[no-untyped-def]
+    async def one(i: int):
         try:
             return await client.chat.completions.create(
                 model="auto", messages=[{"role": "user", "content": f"distinct {i}"}])

@@ -12,7 +12,7 @@ from proxy import NO_EXTENSIONS, scoring
 try:
     from proxy import _scoring
 except ImportError:  # no build: only the twin is tested
-    _scoring = None  # type: ignore[assignment]
+    _scoring = None
 
 IMPLS = [pytest.param((scoring._py_topk_dot, scoring._py_rescore_dot), id="py")]
 if _scoring is not None:

@@ -132,7 +132,7 @@ def test_onnxruntime_and_usearch_load_together() -> None:
 async def test_embedding_failure_degrades_to_a_miss(make_proxy, tiers) -> None:
     p = await make_proxy()
 
-    async def broken(text: str):  # type: ignore[no-untyped-def]
+    async def broken(text: str):
         raise RuntimeError("onnxruntime exploded")
 
     p.proxy.semantic.embedder.embed = broken  # a fault injected into the real embedder object

@@ -19,12 +19,12 @@ Q3 = [{"role": "user", "content": "how do i reset my password"}]
 ADMIN = {"Authorization": "Bearer adm"}
 
 
-async def stats(url: str) -> dict:  # type: ignore[type-arg]
+async def stats(url: str) -> dict:
     async with aiohttp.ClientSession() as s, s.get(url + "/admin/stats", headers=ADMIN) as r:
-        return await r.json()  # type: ignore[no-any-return]
+        return await r.json()
 
 
-def start(port: int, tier_url: str, redis_url: str, prefix: str):  # type: ignore[no-untyped-def]
+def start(port: int, tier_url: str, redis_url: str, prefix: str):
     return run_cli("serve", "--port", str(port), "--tier", f"small={tier_url}", "--redis",
                    redis_url, env={"EDGE_PROXY_CACHE__REDIS_PREFIX": prefix,
                                    "EDGE_PROXY_SERVER__ADMIN_TOKEN": "adm",
