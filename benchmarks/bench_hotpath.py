@@ -18,6 +18,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from typing import Any
+from unittest import mock
 from pathlib import Path
 
 import orjson
@@ -204,3 +206,57 @@ def test_parse_validate(benchmark, raw: bytes) -> None:
         return body
 
     assert benchmark(step)["model"] == "auto"
+
+
+# -- the whole L1 hit in the handler ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hit_proxy(loop: asyncio.AbstractEventLoop) -> Iterator[Any]:
+    """A Proxy (no Redis, no semantic layer) whose L1 holds the answer to SHORT_REQ."""
+    from proxy.config import load_config
+    from proxy.handlers import Proxy
+    from proxy.keys import namespace_of, request_keys
+
+    cfg = load_config(env={}, overrides={"semantic": {"enabled": False}},
+                      tier_flags=["small=http://127.0.0.1:9"])
+
+    async def make() -> Proxy:
+        return Proxy(cfg, Metrics())
+
+    proxy = loop.run_until_complete(make())
+    keys = request_keys(namespace_of(None, "Bearer k"), CHAT, "auto", parse_json(SHORT_REQ))
+    proxy.cache.put(keys.exact, answer(), namespace_of(None, "Bearer k"))
+    yield proxy
+
+
+def test_handler_l1_hit_x100(benchmark, hit_proxy: Any,  # type: ignore[no-untyped-def]
+                             loop: asyncio.AbstractEventLoop) -> None:
+    """100 chat requests answered from L1 by Proxy.chat: read, parse, validate, keys, L1 get,
+    response (no socket; aiohttp's mocked request carries the body)."""
+    from aiohttp import streams
+    from aiohttp.test_utils import make_mocked_request
+
+    headers = {"Authorization": "Bearer k", "Content-Type": "application/json",
+               "Content-Length": str(len(SHORT_REQ))}
+
+    def requests() -> tuple[tuple[list[Any]], dict[str, Any]]:
+        reqs = []
+        for _ in range(REDIS_BATCH):
+            payload = streams.StreamReader(mock.Mock(), 2 ** 16, loop=loop)
+            payload.feed_data(SHORT_REQ)
+            payload.feed_eof()
+            reqs.append(make_mocked_request("POST", "/v1/chat/completions", headers=headers,
+                                            payload=payload, loop=loop))
+        return (reqs,), {}
+
+    async def batch(reqs: list[Any]) -> Any:
+        resp = None
+        for r in reqs:
+            resp = await hit_proxy.chat(r)
+        return resp
+
+    resp = benchmark.pedantic(lambda reqs: loop.run_until_complete(batch(reqs)), setup=requests,
+                              rounds=200, warmup_rounds=5)
+    assert resp.headers["x-cache"] == "hit-exact"
+    benchmark.extra_info["ops_per_round"] = REDIS_BATCH
