@@ -18,9 +18,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from unittest import mock
-from pathlib import Path
 
 import orjson
 import pytest

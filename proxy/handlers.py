@@ -7,22 +7,20 @@ The HTTP layer stays thin: caching is exact.py, upstream calls are flight.py/ups
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import os
 import time
 from typing import Any, Final
 
-import numpy as np
 import orjson
 from aiohttp import web
 
 from proxy.answer import CachedAnswer
+from proxy.call import Call, cache_directives
 from proxy.config import Config
 from proxy.errors import ProxyError, model_not_found, payload_too_large, sse_error_event
 from proxy.exact import ExactCache
 from proxy.flight import Flight, cancel_all, drain
-from proxy.keys import CHAT, COMPLETIONS, RequestKeys, namespace_of, request_keys
+from proxy.keys import CHAT, COMPLETIONS, namespace_of, request_keys
 from proxy.metrics import Metrics
 from proxy.router import Router
 from proxy.semcache import SemanticCache
@@ -36,29 +34,6 @@ JSON: Final = "application/json"
 SSE_HEADERS: Final = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                       "X-Accel-Buffering": "no"}
 _DONE: Final = b"data: [DONE]\n\n"
-
-
-_RID_PREFIX: Final = os.urandom(6).hex()
-_rid_counter = itertools.count(1)
-
-
-def _request_id(request: web.Request) -> str:
-    """The client's x-request-id, else this process's random prefix + a counter: unique across
-    sidecars, and a third of the cost of 12 random bytes per request."""
-    return request.headers.get("x-request-id") or f"{_RID_PREFIX}{next(_rid_counter):010x}"
-
-
-def _cache_directives(request: web.Request) -> tuple[bool, bool]:
-    """(lookup, store) from Cache-Control: no-cache skips the lookup, no-store skips both."""
-    cc = request.headers.get("Cache-Control")
-    if not cc:
-        return True, True
-    cc = cc.lower()
-    if "no-store" in cc:
-        return False, False
-    if "no-cache" in cc:
-        return False, True
-    return True, True
 
 
 def _prompt_text(endpoint: str, body: dict[str, Any]) -> str:
@@ -149,119 +124,128 @@ class Proxy:
         return await self.complete(request, COMPLETIONS)
 
     async def complete(self, request: web.Request, endpoint: str) -> web.StreamResponse:
-        t0 = time.perf_counter()
-        rid = _request_id(request)
-        headers = {"x-request-id": rid}
+        """A completion request; the one place where its ProxyError becomes a response."""
+        call = Call(request, endpoint, time.perf_counter())
         try:
-            return await self._complete(request, endpoint, headers, t0)
+            return await self._complete(call)
         except ProxyError as err:
             self.metrics.errors.labels(str(err.status), err.code or "").inc()
-            self.metrics.observe_request(endpoint, "error", headers.get("x-route-tier", ""),
-                                         time.perf_counter() - t0)
-            return err.response(headers)
+            self.metrics.observe_request(endpoint, "error", call.tier,
+                                         time.perf_counter() - call.t0)
+            return err.response(call.headers())
 
-    async def _complete(self, request: web.Request, endpoint: str, headers: dict[str, str],
-                        t0: float) -> web.StreamResponse:
-        server_cfg = self.config.server
-        check_content_length(request.content_length, server_cfg.max_body_bytes)
+    async def _complete(self, call: Call) -> web.StreamResponse:
+        """The request path: parse, resolve, exact lookup, then (on a miss) join or start the
+        upstream flight, with the semantic layer and the router in between."""
+        await self._read_body(call)
+        self._resolve(call)
+        if call.lookup:
+            answer = self._l1_lookup(call)  # synchronous: the fastest path has no await
+            if answer is None:
+                answer = await self._l2_lookup(call)
+            if answer is not None and answer.fits(call.max_tokens):
+                return self._serve_hit(call, answer, "hit-exact", answer.tier if call.routed
+                                       else call.tier)  # an auto hit counts where it was made
+        call.outcome = "miss" if call.lookup else "bypass"
+        flight = self._joinable(call)
+        if flight is None:
+            hit = await self._prepare_miss(call)
+            if hit is not None:
+                return self._serve_hit(call, hit, "hit-semantic", call.tier)
+            # an identical request may have started its flight while this one was embedding
+            flight = self._joinable(call) or self._flight(call)
+        return await self._answer(call, flight)
+
+    async def _read_body(self, call: Call) -> None:
+        """Read, bound, parse and validate the JSON body."""
+        request, limit = call.request, self.config.server.max_body_bytes
+        check_content_length(request.content_length, limit)
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            raise payload_too_large(server_cfg.max_body_bytes) from None
-        if len(raw) > server_cfg.max_body_bytes:  # a chunked body has no Content-Length
-            raise payload_too_large(server_cfg.max_body_bytes)
-        body = parse_json(raw)
-        validate(body, endpoint, server_cfg)
-        model: str = body["model"]
-        tier_name = self.resolve_tier(model)
-        headers["x-route-tier"] = tier_name
-        stream = body.get("stream") is True
-        include_usage = stream and bool((body.get("stream_options") or {}).get("include_usage"))
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-        lookup, store = _cache_directives(request)
-        namespace = namespace_of(request.headers.get("x-cache-namespace"),
-                                 request.headers.get("Authorization"))
+            raise payload_too_large(limit) from None
+        if len(raw) > limit:  # a chunked body has no Content-Length
+            raise payload_too_large(limit)
+        call.body = body = parse_json(raw)
+        validate(body, call.endpoint, self.config.server)
+
+    def _resolve(self, call: Call) -> None:
+        """Model and tier, stream options, cache directives, namespace and keys."""
+        body, headers = call.body, call.request.headers
+        call.model = model = body["model"]
+        call.tier = self.resolve_tier(model)
+        call.routed = model in self.auto_models
+        call.stream = stream = body.get("stream") is True
+        call.include_usage = stream and bool((body.get("stream_options") or {})
+                                             .get("include_usage"))
+        call.max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        lookup, store = cache_directives(headers.get("Cache-Control"))
         cache_on = self.config.cache.enabled
-        lookup, store = lookup and cache_on, store and cache_on
-        keys = request_keys(namespace, endpoint, model, body) if (store or lookup) else None
-        if keys is not None:
-            headers["x-cache-key"] = keys.exact.hex()  # what /admin/purge takes
+        call.lookup, call.store = lookup and cache_on, store and cache_on
+        call.namespace = namespace_of(headers.get("x-cache-namespace"),
+                                      headers.get("Authorization"))
+        if call.store or call.lookup:
+            call.keys = keys = request_keys(call.namespace, call.endpoint, model, body)
+            if call.store:
+                call.flight_key = (keys.exact, stream)
 
-        if keys is not None and lookup:
-            answer = self.cache.get_l1(keys.exact)
-            if answer is None:
-                answer = await self.cache.get_l2(keys.exact, namespace)
-            if answer is not None and answer.fits(max_tokens):
-                if model in self.auto_models:  # not routed again: the tier that answered
-                    tier_name = answer.tier
-                return self._serve_hit(endpoint, answer, "hit-exact", tier_name, namespace,
-                                       stream, include_usage, headers, t0)
-        headers["x-cache"] = outcome = "miss" if lookup else "bypass"
-        fkey = (keys.exact, stream) if keys is not None and store else None
-        flight = self.flights.get(fkey) if fkey is not None else None
-        if flight is None or flight.done:
-            # Not in flight: the embedding serves the semantic lookup, the router and the store.
-            routed = model in self.auto_models
-            sem = self.semantic
-            query = keys.query_text if keys is not None else ""
-            vec = None
-            if sem is not None and sem.eligible(query):
-                try:
-                    vec = await sem.embed(query)
-                except Exception:  # the semantic layer is an optimisation: never fail for it
-                    log.exception("embedding failed; serving without the semantic layer")
-                    self.metrics.semantic_rejects.labels("embed_error").inc()
-            if routed:
-                tier_name = self._route(query or _prompt_text(endpoint, body), vec, headers)
-            if sem is not None and lookup and vec is not None and keys is not None:
-                hit = await sem.lookup(vec, keys, tier_name, max_tokens, sem.threshold(
-                    namespace, request.headers.get("x-cache-threshold")))
-                if hit is not None:
-                    headers["x-cache-similarity"] = f"{hit.similarity:.4f}"
-                    return self._serve_hit(endpoint, hit.answer, "hit-semantic", tier_name,
-                                           namespace, stream, include_usage, headers, t0)
-            # an identical request may have started its flight while this one was embedding
-            flight = self.flights.get(fkey) if fkey is not None else None
-            if flight is None or flight.done:
-                flight = self._flight(fkey, keys, namespace, endpoint, body, stream, tier_name,
-                                      vec)
-        flight.subscribe()
-        try:
-            if stream:
-                return await self._stream_out(request, flight, include_usage, headers, endpoint,
-                                              outcome, t0)
-            await drain(flight)
-        finally:
-            flight.unsubscribe()
-        if flight.error is not None:
-            raise flight.error
-        assert flight.body is not None and flight.tier is not None
-        headers["x-route-tier"] = flight.tier.name
-        self.metrics.observe_request(endpoint, outcome, flight.tier.name, time.perf_counter() - t0)
-        return web.Response(body=flight.body, content_type=JSON, headers=headers)
+    def _l1_lookup(self, call: Call) -> CachedAnswer | None:
+        assert call.keys is not None
+        return self.cache.get_l1(call.keys.exact)
 
-    def _route(self, text: str, vec: np.ndarray | None, headers: dict[str, str]) -> str:
+    async def _l2_lookup(self, call: Call) -> CachedAnswer | None:
+        assert call.keys is not None
+        return await self.cache.get_l2(call.keys.exact, call.namespace)
+
+    def _joinable(self, call: Call) -> Flight | None:
+        """The flight of an identical request still in progress, if any."""
+        if call.flight_key is None:
+            return None
+        flight = self.flights.get(call.flight_key)
+        return None if flight is None or flight.done else flight
+
+    async def _prepare_miss(self, call: Call) -> CachedAnswer | None:
+        """Not in flight: embed the query (it serves the semantic lookup, the router and the
+        store), route, and look in the semantic cache."""
+        sem = self.semantic
+        query = call.keys.query_text if call.keys is not None else ""
+        if sem is not None and sem.eligible(query):
+            try:
+                call.vec = await sem.embed(query)
+            except Exception:  # the semantic layer is an optimisation: never fail for it
+                log.exception("embedding failed; serving without the semantic layer")
+                self.metrics.semantic_rejects.labels("embed_error").inc()
+        if call.routed:
+            self._route(call, query or _prompt_text(call.endpoint, call.body))
+        if sem is None or not call.lookup or call.vec is None or call.keys is None:
+            return None
+        threshold = sem.threshold(call.namespace, call.request.headers.get("x-cache-threshold"))
+        hit = await sem.lookup(call.vec, call.keys, call.tier, call.max_tokens, threshold)
+        if hit is None:
+            return None
+        call.similarity = f"{hit.similarity:.4f}"
+        return hit.answer
+
+    def _route(self, call: Call, text: str) -> None:
         """The tier for a routed request: the router's choice (or the default), then A/B."""
         if self.router is None:
             tier = self.config.default_tier
         else:
-            decision = self.router.route(text, vec, self.tiers)
+            decision = self.router.route(text, call.vec, self.tiers)
             tier = decision.tier
-            headers["x-route-score"] = f"{decision.score:.3f}"
-        tier = self.traffic.divert(tier)
-        headers["x-route-tier"] = tier
+            call.route_score = f"{decision.score:.3f}"
+        call.tier = tier = self.traffic.divert(tier)
         self.metrics.route_decisions.labels(tier).inc()
-        return tier
 
-    def _flight(self, fkey: tuple[bytes, bool] | None, keys: RequestKeys | None,
-                namespace: str, endpoint: str, body: dict[str, Any], stream: bool,
-                tier_name: str, vec: np.ndarray | None) -> Flight:
-        """Start the upstream call for this request; identical requests may join it (fkey).
+    def _flight(self, call: Call) -> Flight:
+        """Start the upstream call for this request; identical requests may join it.
 
-        With ``fkey`` None (no-store), the call is never shared and its answer never stored.
+        Without a flight key (no-store), the call is never shared and its answer never stored.
         """
+        body, endpoint, namespace = call.body, call.endpoint, call.namespace
+        fkey, keys, vec = call.flight_key, call.keys, call.vec
         payload = dict(body)
-        if stream:  # always ask for usage: the ledger needs it; clients get it only if asked
+        if call.stream:  # always ask for usage: the ledger needs it; clients get it only if asked
             payload["stream_options"] = {**(body.get("stream_options") or {}),
                                          "include_usage": True}
         started = time.perf_counter()
@@ -278,16 +262,31 @@ class Proxy:
             if fkey is not None and self.flights.get(fkey) is f:
                 del self.flights[fkey]
 
-        flight = Flight(fkey, namespace, endpoint, payload, stream, self.chain(tier_name),
+        flight = Flight(fkey, namespace, endpoint, payload, call.stream, self.chain(call.tier),
                         self.metrics, on_complete, on_finish)
         if fkey is not None:
             self.flights[fkey] = flight
         flight.start()
         return flight
 
-    async def _stream_out(self, request: web.Request, flight: Flight, include_usage: bool,
-                          headers: dict[str, str], endpoint: str, outcome: str, t0: float
-                          ) -> web.StreamResponse:
+    async def _answer(self, call: Call, flight: Flight) -> web.StreamResponse:
+        """Subscribe to the flight and answer from it: streamed as it comes, or the JSON body."""
+        flight.subscribe()
+        try:
+            if call.stream:
+                return await self._stream_out(call, flight)
+            await drain(flight)
+        finally:
+            flight.unsubscribe()
+        if flight.error is not None:
+            raise flight.error
+        assert flight.body is not None and flight.tier is not None
+        call.tier = flight.tier.name
+        self.metrics.observe_request(call.endpoint, call.outcome, call.tier,
+                                     time.perf_counter() - call.t0)
+        return web.Response(body=flight.body, content_type=JSON, headers=call.headers())
+
+    async def _stream_out(self, call: Call, flight: Flight) -> web.StreamResponse:
         """Write a flight's events to one client as they arrive."""
         while not flight.started and not flight.done:
             await flight.wait()
@@ -295,10 +294,11 @@ class Proxy:
             assert flight.error is not None
             raise flight.error
         assert flight.tier is not None
-        headers["x-route-tier"] = flight.tier.name
-        resp = web.StreamResponse(headers={**SSE_HEADERS, **headers})
-        await resp.prepare(request)
-        self.metrics.observe_request(endpoint, outcome, flight.tier.name, time.perf_counter() - t0)
+        call.tier = flight.tier.name
+        resp = web.StreamResponse(headers={**SSE_HEADERS, **call.headers()})
+        await resp.prepare(call.request)
+        self.metrics.observe_request(call.endpoint, call.outcome, call.tier,
+                                     time.perf_counter() - call.t0)
         sent = 0
         try:
             while True:
@@ -315,7 +315,7 @@ class Proxy:
             if flight.error is not None:
                 await resp.write(sse_error_event(flight.error))
             else:
-                if include_usage and flight.usage_frame is not None:
+                if call.include_usage and flight.usage_frame is not None:
                     await resp.write(flight.usage_frame)
                 await resp.write(_DONE)
             await resp.write_eof()
@@ -324,18 +324,21 @@ class Proxy:
             raise
         return resp
 
-    def _serve_hit(self, endpoint: str, answer: CachedAnswer, outcome: str, tier_name: str,
-                   namespace: str, stream: bool, include_usage: bool, headers: dict[str, str],
-                   t0: float) -> web.Response:
-        headers["x-cache"] = outcome
+    def _serve_hit(self, call: Call, answer: CachedAnswer, outcome: str, tier_name: str
+                   ) -> web.Response:
+        """Answer from the cache; ``tier_name`` is the tier the hit is counted (and saved) on."""
+        call.outcome = outcome
         tier = self.tiers.get(tier_name)
         if tier is not None:
-            self.metrics.save(tier.cfg, namespace, answer.prompt_tokens, answer.completion_tokens)
-        if stream:
-            resp = web.Response(body=answer.sse(include_usage), headers={**SSE_HEADERS, **headers})
+            self.metrics.save(tier.cfg, call.namespace, answer.prompt_tokens,
+                              answer.completion_tokens)
+        if call.stream:
+            resp = web.Response(body=answer.sse(call.include_usage),
+                                headers={**SSE_HEADERS, **call.headers()})
         else:
-            resp = web.Response(body=answer.body, content_type=JSON, headers=headers)
-        self.metrics.observe_request(endpoint, outcome, tier_name, time.perf_counter() - t0)
+            resp = web.Response(body=answer.body, content_type=JSON, headers=call.headers())
+        self.metrics.observe_request(call.endpoint, outcome, tier_name,
+                                     time.perf_counter() - call.t0)
         return resp
 
     # -- other endpoints ---------------------------------------------------------------------
