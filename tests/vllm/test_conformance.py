@@ -1,0 +1,274 @@
+"""Proxied answers against direct answers from a real vLLM (CPU, tiny hand-weighted Llama).
+
+For every case the same request goes to vLLM directly and through the proxy; the two answers
+must be equal in the views of ``compare.py``. Repeats check the cache's replays against vLLM
+too, in both forms (a streamed request after a JSON one and the other way round).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+
+from tests.vllm.compare import Reply, merge, post, view
+from tests.vllm.conftest import ANSWER, MODEL_NAME, VLLMServer
+
+pytestmark = pytest.mark.asyncio(loop_factories=["uvloop"])
+
+PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}]
+
+
+def request(endpoint: str, **extra: Any) -> dict[str, Any]:
+    """A fresh request (its own cache key), with ``extra`` fields."""
+    text = f"Say something {uuid.uuid4().hex[:8]}"
+    body: dict[str, Any] = {"model": MODEL_NAME}
+    if endpoint == "chat":
+        body["messages"] = [{"role": "user", "content": text}]
+    else:
+        body["prompt"] = text
+    body.update(extra)
+    return body
+
+
+def streamed(body: dict[str, Any], stream: bool, usage: bool | None = None) -> dict[str, Any]:
+    out = {k: v for k, v in body.items() if k != "stream_options"}
+    out["stream"] = stream
+    if stream and usage is not None:
+        out["stream_options"] = {"include_usage": usage}
+    return out
+
+
+async def both(vllm: VLLMServer, proxy_url: str, endpoint: str, body: dict[str, Any],
+               headers: dict[str, str] | None = None) -> tuple[Reply, Reply]:
+    """(direct, proxied) answers to the same request."""
+    direct = await post(vllm.url, PATHS[endpoint], body)
+    proxied = await post(proxy_url, PATHS[endpoint], body, headers)
+    return direct, proxied
+
+
+def assert_same(direct: Reply, proxied: Reply) -> None:
+    assert proxied.status == direct.status, (proxied.body, direct.body)
+    assert view(proxied) == view(direct)
+    if direct.chunks is not None:
+        assert proxied.chunks is not None and proxied.done == direct.done
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+@pytest.mark.parametrize("form", ["json", "stream", "stream+usage"])
+async def test_answers_and_repeats(vllm: VLLMServer, make_vproxy: Any, endpoint: str,
+                                   form: str) -> None:
+    p = await make_vproxy(vllm)
+    base = request(endpoint)
+    stream, usage = form != "json", (True if form == "stream+usage" else
+                                     (False if form == "stream" else None))
+    direct, proxied = await both(vllm, p.url, endpoint, streamed(base, stream, usage))
+    assert_same(direct, proxied)
+    assert proxied.headers["x-cache"] == "miss"
+    assert ANSWER in str(view(direct)["choices"][0])  # the tiny model's sentence
+    # the same request again: a hit, equal to vLLM's answer
+    again = await post(p.url, PATHS[endpoint], streamed(base, stream, usage))
+    assert again.headers["x-cache"] == "hit-exact"
+    assert_same(direct, again)
+    # the other form of the same request: also a hit, equal to vLLM's answer in that form
+    other = streamed(base, not stream, True if not stream else None)
+    direct_other = await post(vllm.url, PATHS[endpoint], other)
+    hit_other = await post(p.url, PATHS[endpoint], other)
+    assert hit_other.headers["x-cache"] == "hit-exact"
+    assert_same(direct_other, hit_other)
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_n_2(vllm: VLLMServer, make_vproxy: Any, endpoint: str, stream: bool) -> None:
+    p = await make_vproxy(vllm)
+    body = streamed(request(endpoint, n=2), stream, True if stream else None)
+    direct, proxied = await both(vllm, p.url, endpoint, body)
+    assert_same(direct, proxied)
+    assert len(view(direct)["choices"]) == 2
+    assert_same(direct, await post(p.url, PATHS[endpoint], body))
+
+
+@pytest.mark.parametrize(("endpoint", "extra"), [
+    ("chat", {"logprobs": True, "top_logprobs": 2}),
+    ("completions", {"logprobs": 2}),
+])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_logprobs(vllm: VLLMServer, make_vproxy: Any, endpoint: str,
+                        extra: dict[str, Any], stream: bool) -> None:
+    p = await make_vproxy(vllm)
+    body = streamed(request(endpoint, **extra), stream)
+    direct, proxied = await both(vllm, p.url, endpoint, body)
+    assert_same(direct, proxied)
+    lp = view(direct)["choices"]
+    assert lp  # the reference carries logprobs
+    # logprobs are never replayed from the cache: the repeat is vLLM's answer again
+    again = await post(p.url, PATHS[endpoint], body)
+    assert again.headers["x-cache"] != "hit-exact"
+    assert_same(direct, again)
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+async def test_seed(vllm: VLLMServer, make_vproxy: Any, endpoint: str) -> None:
+    p = await make_vproxy(vllm)
+    body = request(endpoint, seed=1234, temperature=1.0, top_p=0.9)
+    direct, proxied = await both(vllm, p.url, endpoint, body)
+    assert_same(direct, proxied)
+    again = await post(p.url, PATHS[endpoint], body)
+    assert_same(direct, again)
+    # another seed is another request (its own key), answered by vLLM
+    other = await post(p.url, PATHS[endpoint], {**body, "seed": 99})
+    assert other.headers["x-cache"] == "miss"
+
+
+TOOL_REPLAY = pytest.mark.xfail(reason="a named-tool answer (finish_reason stop) is stored and "
+                                "its SSE replay drops tool_calls: issue 11 item 5", strict=False)
+
+
+@pytest.mark.parametrize(("choice", "stream"), [
+    pytest.param(c, s, id=f"{c}-{'stream' if s else 'json'}",
+                 marks=[TOOL_REPLAY] if (c, s) == ("named", False) else [])
+    for c in ("none", "auto", "required", "named") for s in (False, True)])
+async def test_tools(vllm: VLLMServer, make_vproxy: Any, choice: str, stream: bool) -> None:
+    p = await make_vproxy(vllm)
+    tool_choice: Any = ({"type": "function", "function": {"name": "get_weather"}}
+                        if choice == "named" else choice)
+    body = streamed(request("chat", tools=TOOLS, tool_choice=tool_choice), stream,
+                    True if stream else None)
+    direct, proxied = await both(vllm, p.url, "chat", body)
+    assert_same(direct, proxied)
+    ref = view(direct)
+    calls = (ref["choices"][0]["tool_calls"] if stream
+             else ref["choices"][0]["message"].get("tool_calls"))
+    assert bool(calls) == (choice != "none")
+    # the repeat (served from the cache or not) is what vLLM answers
+    assert_same(direct, await post(p.url, PATHS["chat"], body))
+    # and so is the other form
+    other = streamed(body, not stream, True if not stream else None)
+    assert_same(await post(vllm.url, PATHS["chat"], other),
+                await post(p.url, PATHS["chat"], other))
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_max_tokens_cut(vllm: VLLMServer, make_vproxy: Any, endpoint: str,
+                              stream: bool) -> None:
+    p = await make_vproxy(vllm)
+    base = request(endpoint)
+    cut = streamed({**base, "max_tokens": 3}, stream)
+    direct, proxied = await both(vllm, p.url, endpoint, cut)
+    assert_same(direct, proxied)
+    assert view(direct)["choices"][0]["finish_reason"] == "length"
+    # a cut answer is not stored; once the full answer is, a cut request still gets the cut
+    assert (await post(p.url, PATHS[endpoint], cut)).headers["x-cache"] == "miss"
+    await post(p.url, PATHS[endpoint], base)
+    assert_same(direct, await post(p.url, PATHS[endpoint], cut))
+
+
+# requests vLLM refuses with a 4xx; the proxy must answer with vLLM's status and message
+BAD: list[tuple[str, str, dict[str, Any]]] = [
+    ("max_tokens_over_context", "chat", {"max_tokens": 4096}),
+    ("negative_temperature", "chat", {"temperature": -1}),
+    ("top_logprobs_over_limit", "chat", {"logprobs": True, "top_logprobs": 50}),
+    ("unknown_named_tool", "chat", {"tools": TOOLS, "tool_choice": {
+        "type": "function", "function": {"name": "nope"}}}),
+    ("tool_choice_without_tools", "chat", {"tool_choice": "required"}),
+    ("bad_response_format", "chat", {"response_format": {"type": "nope"}}),
+    ("prompt_too_long", "completions", {"prompt": "word " * 3000}),
+    ("logprobs_over_limit", "completions", {"logprobs": 50}),
+    ("n_zero", "completions", {"n": 0}),
+    ("bad_stop_type", "completions", {"stop": 5}),
+]
+
+
+def _bad_params() -> list[Any]:
+    out = []
+    for case, endpoint, extra in BAD:
+        for stream in (False, True):
+            marks = []
+            if stream and "logprobs" in case:  # vLLM refuses these inside a 200 stream
+                marks.append(pytest.mark.xfail(
+                    reason="an error event before any content becomes a 502 with a dict repr "
+                    "(issue 15 step 3)", strict=True))
+            out.append(pytest.param(case, endpoint, extra, stream, marks=marks,
+                                    id=f"{case}-{'stream' if stream else 'json'}"))
+    return out
+
+
+@pytest.mark.parametrize(("case", "endpoint", "extra", "stream"), _bad_params())
+async def test_upstream_4xx(vllm: VLLMServer, make_vproxy: Any, case: str, endpoint: str,
+                            extra: dict[str, Any], stream: bool) -> None:
+    """vLLM's refusals reach the client: the same status (or, where vLLM refuses inside a
+    started stream, an error event), nothing stored."""
+    p = await make_vproxy(vllm)
+    body = {**request(endpoint), **extra, "stream": stream}
+    direct, proxied = await both(vllm, p.url, endpoint, body)
+    assert proxied.status == direct.status, (case, proxied.body, direct.body)
+    if direct.status == 200:  # refused inside the stream
+        assert direct.chunks is not None and "error" in merge(direct.chunks)
+        assert proxied.chunks is not None and "error" in merge(proxied.chunks)
+    else:
+        assert 400 <= direct.status < 500, direct.body
+        assert isinstance(proxied.body, dict) and isinstance(proxied.body.get("error"), dict)
+        assert proxied.body["error"]["type"] == "invalid_request_error"
+    # nothing was stored: the same request is refused again
+    assert (await post(p.url, PATHS[endpoint], body)).status == direct.status
+
+
+async def test_single_flight(vllm: VLLMServer, make_vproxy: Any) -> None:
+    """Identical concurrent streams share one vLLM request (a long one, never cacheable)."""
+    p = await make_vproxy(vllm)
+    body = request("completions", stream=True, max_tokens=150, ignore_eos=True)
+    direct = await post(vllm.url, PATHS["completions"], body)
+    before = await vllm_counter(vllm, "vllm:request_success_total")
+    replies = await asyncio.gather(*(post(p.url, PATHS["completions"], body) for _ in range(4)))
+    for r in replies:
+        assert_same(direct, r)
+    assert view(direct)["choices"][0]["finish_reason"] == "length"
+    assert await vllm_counter(vllm, "vllm:request_success_total") - before == 1
+
+
+async def test_disconnect_aborts_generation(vllm: VLLMServer, make_vproxy: Any) -> None:
+    """A client that leaves mid-stream makes vLLM abort the generation."""
+    import aiohttp
+
+    p = await make_vproxy(vllm)
+    success = await vllm_counter(vllm, "vllm:request_success_total")
+    tokens = await vllm_counter(vllm, "vllm:generation_tokens_total")
+    body = request("completions", stream=True, max_tokens=1900, ignore_eos=True)
+    async with aiohttp.ClientSession() as s:
+        resp = await s.post(p.url + PATHS["completions"], json=body)
+        assert resp.status == 200
+        seen = 0
+        async for line in resp.content:
+            seen += line.startswith(b"data:")
+            if seen >= 3:
+                break
+        resp.close()  # the client goes away
+    for _ in range(300):
+        if await vllm_counter(vllm, "vllm:num_requests_running") == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert await vllm_counter(vllm, "vllm:num_requests_running") == 0
+    # stopped long before its 1900 tokens, and not as a finished request: aborted
+    assert await vllm_counter(vllm, "vllm:generation_tokens_total") - tokens < 1900
+    assert await vllm_counter(vllm, "vllm:request_success_total") == success
+
+
+async def vllm_counter(vllm: VLLMServer, name: str, label: str = "") -> float:
+    """Sum of a vLLM Prometheus metric's samples (those whose labels contain ``label``)."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s, s.get(vllm.url + "/metrics") as r:
+        text = await r.text()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and label in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
