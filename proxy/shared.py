@@ -30,7 +30,7 @@ from redis.exceptions import RedisError
 from proxy.config import CacheConfig, SemanticConfig
 from proxy.exact import PipelineWriter, ns_tag, redis_client
 from proxy.metrics import Metrics
-from proxy.semantic import SemanticEntry
+from proxy.semantic.index import SemanticEntry
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class SharedIndex:
 
     def __init__(self, cache_cfg: CacheConfig, sem_cfg: SemanticConfig, semcache: Any,
                  metrics: Metrics) -> None:
-        self.semcache = semcache  # proxy.semcache.SemanticCache
+        self.semcache = semcache  # proxy.semantic.cache.SemanticCache
         self.metrics = metrics
         self.prefix = cache_cfg.redis_prefix.encode()
         self.stream = self.prefix + b"stream"

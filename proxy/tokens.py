@@ -19,7 +19,7 @@ def _tokenizer() -> Any:
     try:
         from tokenizers import Tokenizer
 
-        from proxy.embedder import default_model_path
+        from proxy.semantic.embedder import default_model_path
 
         tok = Tokenizer.from_file(str(default_model_path().with_name("tokenizer.json")))
         tok.no_truncation()

@@ -1,4 +1,4 @@
-"""Tests of proxy.embedder with the real int8 model and tokenizer (models/build_model.py)."""
+"""proxy.semantic.embedder with the real int8 model and tokenizer (models/build_model.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from proxy.embedder import DEFAULT_MODEL_PATH, MODEL_SHA256, Embedder, ModelChecksumError
+from proxy.semantic.embedder import DEFAULT_MODEL_PATH, MODEL_SHA256, Embedder, ModelChecksumError
 
 pytestmark = pytest.mark.skipif(
     not DEFAULT_MODEL_PATH.exists(), reason="run `python models/build_model.py` first"
@@ -159,11 +159,11 @@ async def test_embed_before_start_fails() -> None:
 
 def test_session_keeps_layernorm_unfused(tmp_path: Path) -> None:
     # The shipped graph has Add + LayerNormalization instead of SkipLayerNormalization (faster
-    # here); the session must not fuse them back (proxy.embedder.DISABLED_OPTIMIZERS).
+    # here); the session must not fuse them back (proxy.semantic.embedder.DISABLED_OPTIMIZERS).
     import onnx
     import onnxruntime as ort
 
-    from proxy.embedder import DISABLED_OPTIMIZERS
+    from proxy.semantic.embedder import DISABLED_OPTIMIZERS
 
     shipped = {n.op_type for n in onnx.load(str(DEFAULT_MODEL_PATH)).graph.node}
     assert "SkipLayerNormalization" not in shipped and "LayerNormalization" in shipped

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.semantic import SemanticEntry, SemanticIndex, SnapshotError
+from proxy.semantic.index import SemanticEntry, SemanticIndex
+from proxy.semantic.snapshot import SnapshotError
 
 DIM = 32  # small vectors keep the tests fast; the index does not depend on the dimension
 T0 = 1_000_000.0
@@ -400,7 +401,7 @@ def test_fifo_ring_under_churn():
                 order.remove(key)
         assert len(idx) == len(order)
     assert [e.key for e in idx.entries()] == [k.encode() for k in order]
-    assert len(idx._fifo_sid) <= 4096  # the ring was compacted, not grown without bound
+    assert len(idx._slots._fifo_sid) <= 4096  # the ring was compacted, not grown without bound
     for e in list(idx.entries()):
         assert idx.remove(e.key)
     assert len(idx) == 0 and idx.stats()["scopes"] == 0
@@ -408,7 +409,7 @@ def test_fifo_ring_under_churn():
 
 def test_snapshot_data_is_independent_of_the_index(tmp_path):
     """snapshot_data() copies: the index may change (even be emptied) before write_snapshot."""
-    from proxy.semantic import write_snapshot
+    from proxy.semantic.snapshot import write_snapshot
 
     rng = np.random.default_rng(16)
     vecs = unit(rng, 300)
@@ -436,7 +437,7 @@ def test_snapshot_data_is_independent_of_the_index(tmp_path):
 def test_snapshot_written_in_a_thread_while_the_loop_serves(tmp_path):
     import asyncio
 
-    from proxy.semantic import write_snapshot
+    from proxy.semantic.snapshot import write_snapshot
 
     rng = np.random.default_rng(17)
     vecs = unit(rng, 2000)
@@ -557,7 +558,7 @@ def test_i8_rows_keep_a_per_row_scale_at_384_dims():
     idx = SemanticIndex(d, brute_force_max=100, dtype="i8")
     idx.add_many(vecs, [entry(f"k{i}") for i in range(n)])
     assert idx.stats()["ann_scopes"] == 1
-    q8 = idx._to_ann(vecs[:50])
+    q8 = idx.params.to_ann(vecs[:50])
     assert q8.dtype == np.int8 and (np.abs(q8.astype(np.int16)).max(axis=1) == 127).all()
     worst = found = 0
     for i in range(0, n, 15):
@@ -606,7 +607,7 @@ def test_i8_snapshot_round_trip_is_exact(tmp_path, bfm):
 def test_full_index_evicts_the_oldest_in_a_batch():
     # capacity // EVICT_BATCH_DIVISOR oldest entries go at once (usearch unlinks removed nodes in
     # one pass over the graph on the next add: one pass per batch, not per add)
-    from proxy.semantic import EVICT_BATCH_DIVISOR
+    from proxy.semantic.index import EVICT_BATCH_DIVISOR
 
     rng = np.random.default_rng(9)
     cap = 10 * EVICT_BATCH_DIVISOR
@@ -617,8 +618,8 @@ def test_full_index_evicts_the_oldest_in_a_batch():
     assert len(idx) == cap and idx.evictions == 0
     idx.add(vecs[cap], entry(f"k{cap}", created=T0 + cap))
     assert idx.evictions == 10 and len(idx) == cap - 10 + 1
-    assert all(f"k{i}".encode() not in idx._by_key for i in range(10))
-    assert all(f"k{i}".encode() in idx._by_key for i in range(10, cap + 1))
+    assert all(f"k{i}".encode() not in idx._slots.by_key for i in range(10))
+    assert all(f"k{i}".encode() in idx._slots.by_key for i in range(10, cap + 1))
     for i in range(cap + 1, cap + 10):  # room for 9 again: no eviction until full
         idx.add(vecs[i], entry(f"k{i}", created=T0 + i))
     assert idx.evictions == 10 and len(idx) == cap

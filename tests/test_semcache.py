@@ -13,7 +13,7 @@ from proxy.config import CacheConfig, SemanticConfig
 from proxy.exact import ExactCache
 from proxy.keys import request_keys
 from proxy.metrics import Metrics
-from proxy.semcache import SemanticCache
+from proxy.semantic.cache import SemanticCache
 from tests.test_proxy import mock_requests
 
 
@@ -124,7 +124,7 @@ async def test_smaller_tier_answer_not_served_to_larger_route() -> None:
 
 def test_onnxruntime_and_usearch_load_together() -> None:
     # importing usearch before onnxruntime segfaults; proxy.semantic must fix the order itself
-    code = "import proxy.semantic; import proxy.embedder; import onnxruntime; print('ok')"
+    code = "import proxy.semantic; import proxy.semantic.embedder; import onnxruntime; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-500:]
 
@@ -148,7 +148,7 @@ def test_embedder_thread_runs_at_idle_priority(tmp_path) -> None:
     # The worker must yield the core to the event loop at once (SCHED_IDLE on Linux).
     code = (
         "import asyncio, os\n"
-        "from proxy.embedder import Embedder\n"
+        "from proxy.semantic.embedder import Embedder\n"
         "async def main():\n"
         "    e = Embedder(); await e.start(); await e.embed('hello there')\n"
         "    tid = e._thread.native_id\n"
@@ -191,7 +191,7 @@ async def test_busy_embedder_times_out_to_a_miss(make_proxy, tiers) -> None:
 async def test_learned_verifier_gets_both_vectors(make_proxy, tiers) -> None:
     from pathlib import Path
 
-    from proxy.verifier import Verifier
+    from proxy.semantic.verifier import Verifier
 
     weights = Path(__file__).resolve().parents[1] / "models" / "verifier.json"
     p = await make_proxy(semantic={"verifier_weights": str(weights)})

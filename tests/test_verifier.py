@@ -1,4 +1,4 @@
-"""Tests of proxy.verifier: each guard rejects the unsafe pair and accepts the safe paraphrase."""
+"""proxy.semantic.verifier: each guard rejects the unsafe pair and accepts the safe paraphrase."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from proxy.verifier import FEATURES, Verdict, Verifier, extract
+from proxy.semantic.verifier import FEATURES, Verdict, Verifier, extract
 
 SIM = 0.90  # a similarity above the threshold: the guards alone decide
 THR = 0.80

@@ -21,19 +21,14 @@ import numpy as np
 
 from proxy.answer import CachedAnswer
 from proxy.config import SemanticConfig, namespace_thresholds
-from proxy.embedder import Embedder
 from proxy.exact import ExactCache
 from proxy.keys import RequestKeys
 from proxy.metrics import Metrics
-from proxy.semantic import (
-    DEFAULT_DTYPE,
-    SemanticEntry,
-    SemanticIndex,
-    SnapshotError,
-    write_snapshot,
-)
+from proxy.semantic.embedder import Embedder
+from proxy.semantic.index import DEFAULT_DTYPE, SemanticEntry, SemanticIndex
+from proxy.semantic.snapshot import SnapshotError, write_snapshot
+from proxy.semantic.verifier import Verifier
 from proxy.shared import SharedIndex
-from proxy.verifier import Verifier
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from typing import Any, Final
 import numpy as np
 
 DEFAULT_MODEL_PATH: Final[Path] = (
-    Path(__file__).resolve().parent.parent / "models" / "minilm-l6-int8.onnx"
+    Path(__file__).resolve().parents[2] / "models" / "minilm-l6-int8.onnx"
 )
 # sha256 of the int8 model models/build_model.py produces (pinned in models/MODEL.sha256 too).
 MODEL_SHA256: Final = "9664814bc7e8d2db26439bacaa6e68d325ea1ba14d5c491ffb5e2da126a6dca9"
