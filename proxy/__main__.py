@@ -17,8 +17,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="TOML configuration file")
     p.add_argument("--host", help="listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="listen port (default 8080)")
-    p.add_argument("--tier", action="append", default=[], metavar="NAME=URL[,URL...]",
-                   help="a model tier and its vLLM base URL(s); repeat, smallest first")
+    p.add_argument("--tier", action="append", default=[], metavar="NAME=URL[,URL...][@MODEL]",
+                   help="a model tier, its vLLM base URL(s) and optionally its served model "
+                   "(else asked from /v1/models); repeat, smallest first")
     p.add_argument("--redis", metavar="URL", help="Redis URL for the shared L2 cache")
     p.add_argument("--default-tier", help="tier for model 'auto'")
     p.add_argument("--loop", choices=["uvloop", "asyncio"])

@@ -68,6 +68,16 @@ class TierConfig:
     breaker_cooldown_s: float = 10.0
     #: Other tiers to try, in order, when this one fails before the first byte reached the client.
     fallback: tuple[str, ...] = ()
+    #: Bearer token sent to this tier's upstreams (``vllm serve --api-key``); never logged.
+    api_key: str = field(default="", repr=False)
+    #: Send the client's own Authorization header upstream instead of ``api_key``.
+    forward_auth: bool = False
+    #: Path polled on each upstream to learn when it is down or back; empty = no health checks.
+    health_path: str = "/health"
+    #: Seconds between health checks (a recovered upstream serves again within about this).
+    health_interval_s: float = 1.0
+    #: Seconds between re-reads of /v1/models (the served checkpoint may change under a name).
+    model_check_interval_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,16 +356,30 @@ def _tier(name: str, data: Mapping[str, Any]) -> TierConfig:
         raise ConfigError(f"{path}.max_queue: must be >= 0")
     if tier.breaker_failures < 1:
         raise ConfigError(f"{path}.breaker_failures: must be >= 1")
+    if tier.health_interval_s <= 0 or tier.model_check_interval_s <= 0:
+        raise ConfigError(f"{path}.health_interval_s / model_check_interval_s: must be > 0")
+    if tier.health_path and not tier.health_path.startswith("/"):
+        raise ConfigError(f"{path}.health_path: must start with '/', got {tier.health_path!r}")
     return tier
 
 
 def parse_tier_flag(spec: str) -> tuple[str, dict[str, Any]]:
-    """Parse ``NAME=URL[,URL...]`` (CLI ``--tier`` / ``EDGE_PROXY_TIERS``)."""
+    """Parse ``NAME=URL[,URL...][@MODEL]`` (CLI ``--tier`` / ``EDGE_PROXY_TIERS``).
+
+    ``@MODEL`` sets the served model name, so the proxy need not ask /v1/models for it (URLs
+    with credentials in them are not supported here: use ``tiers.NAME.api_key``)."""
     name, sep, urls = spec.partition("=")
     name = name.strip()
     if not sep or not name or not urls.strip():
-        raise ConfigError(f"tiers: expected NAME=URL[,URL...], got {spec!r}")
-    return name, {"urls": [u.strip() for u in urls.split(",") if u.strip()]}
+        raise ConfigError(f"tiers: expected NAME=URL[,URL...][@MODEL], got {spec!r}")
+    out: dict[str, Any] = {}
+    if "@" in urls:
+        urls, _, model = urls.rpartition("@")
+        if not model.strip():
+            raise ConfigError(f"tiers.{name}: empty model after '@' in {spec!r}")
+        out["model"] = model.strip()
+    out["urls"] = [u.strip() for u in urls.split(",") if u.strip()]
+    return name, out
 
 
 def _validate(cfg: Config) -> Config:
@@ -440,9 +464,16 @@ def load_config(
     tiers_data: dict[str, dict[str, Any]] = {
         name: dict(t) for name, t in (data.pop("tiers", {}) or {}).items()
     }
+    tier_env: dict[str, dict[str, Any]] = {}
     for section, values in _env_overrides(env).items():
-        if section == "tiers":
-            raise ConfigError("EDGE_PROXY_TIERS__*: set tiers with EDGE_PROXY_TIERS=NAME=URL,...")
+        if section == "tiers":  # EDGE_PROXY_TIERS__<NAME>__<FIELD>, e.g. ..._SMALL__API_KEY
+            for key, value in values.items():
+                tname, sep, fname = key.partition("__")
+                if not sep or not tname or not fname:
+                    raise ConfigError(f"EDGE_PROXY_TIERS__{key.upper()}: expected "
+                                      "EDGE_PROXY_TIERS__<NAME>__<FIELD>")
+                tier_env.setdefault(tname, {})[fname] = value
+            continue
         data.setdefault(section, {}).update(values)
     for section, given in (overrides or {}).items():
         data.setdefault(section, {}).update({k: v for k, v in given.items() if v is not None})
@@ -453,6 +484,8 @@ def load_config(
         name, tdata = parse_tier_flag(spec)
         tiers_data.setdefault(name, {}).update(tdata)
         tiers_data[name].pop("url", None)
+    for name, values in tier_env.items():
+        tiers_data.setdefault(name, {}).update(values)
 
     sections = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "tiers"}
     unknown = sorted(set(data) - set(sections))

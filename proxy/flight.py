@@ -40,7 +40,7 @@ PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 class Flight:
     """An upstream request shared by its subscribers."""
 
-    __slots__ = ("_changed", "_task", "body", "chain", "content_type", "done", "endpoint",
+    __slots__ = ("_changed", "_task", "auth", "body", "chain", "content_type", "done", "endpoint",
                  "error", "events", "key", "metrics", "namespace", "on_complete", "on_finish",
                  "payload",
                  "started", "status", "stream", "subscribers", "tier", "usage_frame")
@@ -69,6 +69,7 @@ class Flight:
         self.done = False
         self.error: ProxyError | None = None
         self.subscribers = 0
+        self.auth: str | None = None        # the client's Authorization (tiers' forward_auth)
         self._changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._task: asyncio.Task[None] | None = None
 
@@ -153,7 +154,8 @@ class Flight:
         limit = tier.cfg.first_token_timeout_s if self.stream else tier.cfg.total_timeout_s
         try:
             async with asyncio.timeout(limit):
-                opened = await tier.open(PATHS[self.endpoint], self.payload, self.stream)
+                opened = await tier.open(PATHS[self.endpoint], self.payload, self.stream,
+                                         self.auth)
                 if self.stream:
                     first = await _next_event(opened.resp)
                     if first is None:
@@ -235,9 +237,8 @@ class Flight:
                     return
                 asm.feed(obj)
                 if isinstance(obj, dict) and "error" in obj:
-                    self._fail(upstream_unavailable(
-                        f"tier {self.tier.name}: upstream error mid-stream: "
-                        f"{str(obj.get('error'))[:200]}"))
+                    opened.close(ok=True)  # the upstream answered; the request was refused
+                    self._fail(_stream_error(self.tier.name, obj["error"], self.started))
                     return
                 frame = b"data: " + event + b"\n\n"
                 if isinstance(obj, dict) and not obj.get("choices") and obj.get("usage"):
@@ -272,6 +273,19 @@ class Flight:
             self.metrics.cache_skips.labels("not_cacheable").inc()
         self.done = True
         self._notify()
+
+
+def _stream_error(tier: str, error: Any, started: bool) -> ProxyError:
+    """An error event from the upstream. Before anything was sent (vLLM refuses some requests
+    inside a 200 stream), a 4xx with vLLM's message; after, an error event with its message."""
+    err = error if isinstance(error, dict) else {"message": str(error)}
+    message = str(err.get("message") or "upstream error")
+    code = err.get("code")
+    param = err.get("param") if isinstance(err.get("param"), str) else None
+    if not started and isinstance(code, int) and 400 <= code < 500:
+        return ProxyError(code, message, err_type="invalid_request_error", param=param,
+                          code=f"upstream_{code}")
+    return upstream_unavailable(f"tier {tier}: upstream error mid-stream: {message[:500]}")
 
 
 async def _next_event(resp: aiohttp.ClientResponse) -> bytes | None:

@@ -66,8 +66,10 @@ class Proxy:
 
     async def start(self) -> None:
         await self.cache.start()
+        for t in self.tiers.values():
+            t.on_change = self._index_models
         await asyncio.gather(*(t.start() for t in self.tiers.values()))
-        self.by_model = {t.model: name for name, t in self.tiers.items()}
+        self._index_models()
         if self.semantic is not None:
             await self.semantic.start()
 
@@ -100,6 +102,10 @@ class Proxy:
         return found
 
     # -- resolution ------------------------------------------------------------------------
+    def _index_models(self) -> None:
+        """Served model name -> tier (re-run when a tier learns or changes its model)."""
+        self.by_model = {t.model: name for name, t in self.tiers.items() if t.model}
+
     def resolve_tier(self, model: str) -> str:
         """The tier that serves ``model``; "auto" (and aliases) -> the default tier."""
         if model in self.auto_models:
@@ -108,8 +114,26 @@ class Proxy:
         if name is None:
             name = model if model in self.tiers else None
         if name is None:
+            waiting = [n for n, t in self.tiers.items() if not t.ready]
+            if waiting:  # it may be the model of a tier not reached yet
+                raise ProxyError(503, f"model {model!r} is not known yet: tier(s) "
+                                 f"{', '.join(waiting)} not reachable since start",
+                                 err_type="service_unavailable", code="tier_not_ready",
+                                 headers={"Retry-After": "1"})
             raise model_not_found(model)
         return name
+
+    def healthy_tier(self, tier: str) -> str:
+        """``tier`` if it is up, else the next larger tier that is, else the next smaller one
+        (routed requests avoid a tier whose upstreams are all down or breaker-open)."""
+        if self.tiers[tier].up:
+            return tier
+        names = list(self.tiers)
+        i = names.index(tier)
+        for name in [*names[i + 1:], *reversed(names[:i])]:
+            if self.tiers[name].up and self.tiers[name].ready:
+                return name
+        return tier
 
     def chain(self, tier: str) -> list[TierClient]:
         """The tiers to try in order: the chosen one, then its configured fallbacks."""
@@ -234,7 +258,7 @@ class Proxy:
             decision = self.router.route(text, call.vec, self.tiers)
             tier = decision.tier
             call.route_score = f"{decision.score:.3f}"
-        call.tier = tier = self.traffic.divert(tier)
+        call.tier = tier = self.healthy_tier(self.traffic.divert(tier))
         self.metrics.route_decisions.labels(tier).inc()
 
     def _flight(self, call: Call) -> Flight:
@@ -264,6 +288,7 @@ class Proxy:
 
         flight = Flight(fkey, namespace, endpoint, payload, call.stream, self.chain(call.tier),
                         self.metrics, on_complete, on_finish)
+        flight.auth = call.request.headers.get("Authorization")
         if fkey is not None:
             self.flights[fkey] = flight
         flight.start()
@@ -357,17 +382,20 @@ class Proxy:
     async def readyz(self, request: web.Request) -> web.Response:
         l2 = self.cache.l2
         redis = "disabled" if l2 is None else ("up" if l2.up else "down")
-        tiers = {n: {"model": t.model, "endpoints": [e.url for e in t.endpoints]}
-                 for n, t in self.tiers.items()}
-        ready = bool(self.tiers) and all(t.model for t in self.tiers.values())
+        tiers = {n: t.state() for n, t in self.tiers.items()}
+        down = [n for n, t in self.tiers.items() if not (t.ready and t.up)]
+        # ready: every tier's model known and some tier up (a down tier is routed around)
+        ready = (bool(self.tiers) and all(t.ready for t in self.tiers.values())
+                 and len(down) < len(self.tiers))
         sem = self.semantic
         embedder = "disabled" if sem is None else ("ready" if sem.embedder.ready else "loading")
         ready = ready and embedder != "loading"
         # Redis down degrades (L1 + upstream still serve) but does not make the sidecar unready:
         # taking the pod out of service would hurt more than a colder cache.
-        status = "ready" if ready and redis != "down" else ("degraded" if ready else "not_ready")
+        status = ("ready" if ready and redis != "down" and not down
+                  else ("degraded" if ready else "not_ready"))
         return web.Response(status=200 if ready else 503, content_type=JSON,
-                            body=orjson.dumps({"status": status, "redis": redis,
+                            body=orjson.dumps({"status": status, "down": down, "redis": redis,
                                                "embedder": embedder, "tiers": tiers,
                                                "semantic_entries": len(sem.index) if sem else 0}))
 

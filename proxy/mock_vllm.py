@@ -15,6 +15,10 @@ until reset with ``{}``):
   tpot_ms:     time per output token for the faulty requests
   content_type: serve JSON with this content-type instead
   no_usage:    send no usage (JSON without "usage", streams without the usage chunk)
+  health:      GET /health answers with this status (until reset; not counted)
+
+With ``api_key`` set (``--api-key``), /v1/* needs ``Authorization: Bearer <key>`` and answers
+401 ``{"error": "Unauthorized"}`` otherwise, as ``vllm serve --api-key`` does.
 """
 
 from __future__ import annotations
@@ -53,8 +57,10 @@ class MockVLLM:
     """State and handlers of one mock tier."""
 
     def __init__(self, model: str = "mock-model", *, ttft_ms: float = 20.0, tpot_ms: float = 2.0,
-                 reply_tokens: int = 24, chunk_tokens: int = 1) -> None:
+                 reply_tokens: int = 24, chunk_tokens: int = 1, api_key: str = "") -> None:
         self.model = model
+        self.api_key = api_key
+        self.unauthorized = 0
         self.ttft_ms = ttft_ms
         self.tpot_ms = tpot_ms
         self.reply_tokens = reply_tokens
@@ -70,7 +76,7 @@ class MockVLLM:
 
     # -- app --------------------------------------------------------------------------------
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._auth])
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/stats", self.stats)
@@ -80,18 +86,27 @@ class MockVLLM:
         app.router.add_post("/v1/completions", self.completions)
         return app
 
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if (self.api_key and request.path.startswith("/v1/")
+                and request.headers.get("Authorization") != f"Bearer {self.api_key}"):
+            self.unauthorized += 1
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        return await handler(request)
+
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{
             "id": self.model, "object": "model", "created": 0, "owned_by": "vllm",
             "root": self.model, "parent": None, "max_model_len": 8192}]})
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.Response(status=200)
+        return web.Response(status=int(self.faults.get("health", 200)))
 
     async def stats(self, request: web.Request) -> web.Response:
         return web.json_response({"requests": self.requests, "by_endpoint": self.by_endpoint,
                                   "in_flight": self.in_flight, "cancelled": self.cancelled,
-                                  "completed": self.completed, "model": self.model})
+                                  "completed": self.completed, "model": self.model,
+                                  "unauthorized": self.unauthorized})
 
     async def reset(self, request: web.Request) -> web.Response:
         self.requests = self.cancelled = self.completed = 0
@@ -273,6 +288,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tpot-ms", type=float, default=2.0, help="time per output token, ms")
     p.add_argument("--reply-tokens", type=int, default=24, help="tokens per reply")
     p.add_argument("--chunk-tokens", type=int, default=1, help="tokens per SSE chunk")
+    p.add_argument("--api-key", default="", help="require this bearer token on /v1/*")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -283,7 +299,8 @@ def run(args: argparse.Namespace) -> None:
     except ImportError:  # pragma: no cover
         pass
     mock = MockVLLM(args.model, ttft_ms=args.ttft_ms, tpot_ms=args.tpot_ms,
-                    reply_tokens=args.reply_tokens, chunk_tokens=args.chunk_tokens)
+                    reply_tokens=args.reply_tokens, chunk_tokens=args.chunk_tokens,
+                    api_key=args.api_key)
     print(f"mock vLLM serving {args.model!r} on http://{args.host}:{args.port}", flush=True)
     web.run_app(mock.app(), host=args.host, port=args.port, access_log=None, print=None)
 

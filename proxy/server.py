@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 import time as _time
 
@@ -119,7 +120,12 @@ class Server:
                                shutdown_timeout=cfg.shutdown_timeout_s, **access)  # type: ignore[arg-type]
         await runner.setup()
         site = web.TCPSite(runner, cfg.host, cfg.port, backlog=1024, reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise RuntimeError(f"cannot listen on {cfg.host}:{cfg.port}: {reason}") from None
         proxy = app[PROXY_KEY]
         log.info("edge-proxy listening on http://%s:%d (tiers: %s; redis: %s)", cfg.host,
                  cfg.port, ", ".join(f"{n}={t.model}" for n, t in proxy.tiers.items()),

@@ -41,8 +41,8 @@ class Endpoint:
     closes the breaker, its failure opens it again for another cool-down.
     """
 
-    __slots__ = ("cooldown_s", "failures", "in_flight", "max_failures", "opened_at", "probing",
-                 "state", "url")
+    __slots__ = ("cooldown_s", "failures", "healthy", "in_flight", "last_kind", "max_failures",
+                 "opened_at", "probing", "state", "url")
 
     CLOSED: Final = "closed"
     OPEN: Final = "open"
@@ -57,9 +57,14 @@ class Endpoint:
         self.state = self.CLOSED
         self.opened_at = 0.0
         self.probing = False
+        #: False while its health check fails (or a connection to it was refused since)
+        self.healthy = True
+        self.last_kind = ""  # what the last failure was: "connect" or another kind
 
     def available(self, now: float) -> bool:
         """May a request go to this endpoint now? (Moves open -> half-open after cool-down.)"""
+        if not self.healthy:
+            return False
         if self.state == self.CLOSED:
             return True
         if self.state == self.OPEN and now - self.opened_at >= self.cooldown_s:
@@ -72,7 +77,8 @@ class Endpoint:
         self.state = self.CLOSED
         self.probing = False
 
-    def on_failure(self, now: float) -> None:
+    def on_failure(self, now: float, kind: str = "") -> None:
+        self.last_kind = kind
         self.failures += 1
         self.probing = False
         if self.state == self.HALF_OPEN or self.failures >= self.max_failures:
@@ -80,6 +86,19 @@ class Endpoint:
                 log.warning("breaker open for %s after %d failures", self.url, self.failures)
             self.state = self.OPEN
             self.opened_at = now
+
+    def on_health(self, ok: bool) -> bool:
+        """A health check's result; True when it changed whether the endpoint is up.
+
+        A healthy answer also closes a breaker that opened because the upstream could not be
+        reached (it can be now); one opened by 5xx answers keeps its cool-down, since a vLLM
+        that answers /health may still fail requests."""
+        changed = ok != self.healthy
+        self.healthy = ok
+        if ok and self.state != self.CLOSED and self.last_kind == "connect":
+            self.on_success()
+            changed = True
+        return changed
 
 
 def error_from_upstream(status: int, raw: bytes) -> ProxyError:
@@ -116,9 +135,24 @@ class TierClient:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self.session: aiohttp.ClientSession | None = None
         self._inflight_gauge = metrics.upstream_inflight.labels(cfg.name)
+        #: what /v1/models reports for the checkpoint (part of the cache key: a new checkpoint
+        #: under the same served name must not be served the old one's answers)
+        self.root = ""
+        self.max_model_len = 0
+        self.identity = cfg.model
+        self.discovery_error = ""
+        #: called when the served model or its identity changed (the proxy re-indexes)
+        self.on_change: Callable[[], None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._checked_at = 0.0
+        auth = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+        self._auth = auth
+        self._headers = {"Content-Type": "application/json", **auth}
 
     async def start(self) -> None:
-        """Open the keep-alive pool and learn the served model from /v1/models if not set."""
+        """Open the keep-alive pool, try once to learn the served model, then keep watching
+        (health checks, model identity) in the background: the proxy starts whatever the
+        upstreams' state, and a tier whose model is not known yet is simply not ready."""
         connector = aiohttp.TCPConnector(limit=self.cfg.max_concurrency, limit_per_host=0,
                                          keepalive_timeout=60, ttl_dns_cache=300)
         timeout = aiohttp.ClientTimeout(total=self.cfg.total_timeout_s,
@@ -132,28 +166,122 @@ class TierClient:
         # auto_decompress off: we relay bytes; json_serialize unused (bodies are pre-encoded)
         self.session = aiohttp.ClientSession(connector=connector, timeout=timeout,
                                              auto_decompress=False)
-        if not self.model:
+        try:
             await self.discover()
+        except RuntimeError as exc:
+            log.warning("%s; retrying in the background", exc)
+        self._watch_task = asyncio.create_task(self._watch())
 
-    async def discover(self) -> str:
-        """Ask each base URL's /v1/models for the served model; the first answer wins."""
+    @property
+    def ready(self) -> bool:
+        """The served model is known."""
+        return bool(self.model)
+
+    @property
+    def up(self) -> bool:
+        """Some endpoint is healthy with its breaker not open."""
+        now = time.monotonic()
+        return any(ep.healthy and (ep.state != Endpoint.OPEN or
+                                   now - ep.opened_at >= ep.cooldown_s) for ep in self.endpoints)
+
+    def state(self) -> dict[str, Any]:
+        """For /readyz and /health."""
+        return {"model": self.model, "ready": self.ready, "up": self.up,
+                **({"error": self.discovery_error} if self.discovery_error else {}),
+                "endpoints": [{"url": e.url, "healthy": e.healthy, "breaker": e.state}
+                              for e in self.endpoints]}
+
+    async def _watch(self) -> None:
+        """Health checks every health_interval_s; /v1/models until the model is known, then
+        every model_check_interval_s."""
+        cfg = self.cfg
+        while True:
+            await asyncio.sleep(cfg.health_interval_s)
+            try:
+                if cfg.health_path:
+                    await asyncio.gather(*(self._check_health(ep) for ep in self.endpoints))
+                if (not self.model or not self._checked_at or
+                        time.monotonic() - self._checked_at >= cfg.model_check_interval_s):
+                    with contextlib.suppress(RuntimeError):
+                        await self.discover(quiet=bool(self.discovery_error))
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let the watcher die
+                log.exception("tier %s: health/model check failed", self.name)
+
+    async def _check_health(self, ep: Endpoint) -> None:
+        assert self.session is not None
+        try:
+            async with self.session.get(ep.url + self.cfg.health_path, headers=self._auth,
+                                        timeout=aiohttp.ClientTimeout(
+                                            total=max(self.cfg.health_interval_s, 1.0))) as r:
+                ok = r.status == 200
+                await r.read()
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            ok = False
+        if ep.on_health(ok):
+            if ok:
+                log.warning("tier %s: upstream %s is up", self.name, ep.url)
+            else:
+                log.warning("tier %s: upstream %s is down (health check failed)", self.name,
+                            ep.url)
+
+    async def discover(self, quiet: bool = False) -> str:
+        """Ask each base URL's /v1/models for the served model and its checkpoint identity;
+        the first answer wins. Raises RuntimeError naming every upstream's failure."""
         assert self.session is not None
         errors = []
         for ep in self.endpoints:
             try:
-                async with self.session.get(ep.url + "/v1/models",
+                async with self.session.get(ep.url + "/v1/models", headers=self._auth,
                                             timeout=aiohttp.ClientTimeout(total=5)) as r:
-                    data = await r.json(loads=orjson.loads)
-                    self.model = data["data"][0]["id"]
-                    log.info("tier %s serves %r (from %s)", self.name, self.model, ep.url)
+                    if r.status in (401, 403):
+                        errors.append(f"{ep.url}: HTTP {r.status} (set tiers.{self.name}.api_key)")
+                        continue
+                    if r.status != 200:
+                        errors.append(f"{ep.url}: HTTP {r.status}")
+                        continue
+                    data = await r.json(loads=orjson.loads, content_type=None)
+                    entries = data["data"]
+                    entry = entries[0]
+                    if self.cfg.model:  # configured: that entry, if listed
+                        entry = next((e for e in entries if e.get("id") == self.cfg.model),
+                                     entry)
+                    self._learn(str(self.cfg.model or entry["id"]), entry)
                     return self.model
             except (TimeoutError, aiohttp.ClientError, KeyError, IndexError, ValueError,
-                    TypeError) as exc:
-                errors.append(f"{ep.url}: {exc!r}")
-        raise RuntimeError(f"tier {self.name}: no upstream answered /v1/models "
-                           f"({'; '.join(errors)}); set tiers.{self.name}.model to start anyway")
+                    TypeError, AttributeError) as exc:
+                errors.append(f"{ep.url}: {type(exc).__name__}" + (f" {exc}" if str(exc) else ""))
+        self.discovery_error = f"no upstream answered /v1/models ({'; '.join(errors)})"
+        msg = f"tier {self.name}: {self.discovery_error}"
+        if not quiet:
+            log.warning("%s", msg)
+        raise RuntimeError(msg)
+
+    def _learn(self, model: str, entry: dict[str, Any]) -> None:
+        self._checked_at = time.monotonic()
+        self.discovery_error = ""
+        root = str(entry.get("root") or "")
+        max_len = entry.get("max_model_len")
+        identity = f"{model}|{root}|{max_len if isinstance(max_len, int) else ''}"
+        changed = identity != self.identity or model != self.model
+        if self.root and identity != self.identity:
+            log.warning("tier %s: upstream model changed: %r -> %r", self.name, self.identity,
+                        identity)
+        elif changed:
+            log.info("tier %s serves %r (root %r, max_model_len %s)", self.name, model, root,
+                     max_len)
+        self.model, self.root = model, root
+        self.max_model_len = max_len if isinstance(max_len, int) else 0
+        self.identity = identity
+        if changed and self.on_change is not None:
+            self.on_change()
 
     async def close(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch_task
         if self.session is not None:
             await self.session.close()
 
@@ -211,7 +339,8 @@ class TierClient:
                 return
         self.active -= 1
 
-    async def open(self, path: str, payload: dict[str, Any], stream: bool) -> OpenResponse:
+    async def open(self, path: str, payload: dict[str, Any], stream: bool,
+                   auth: str | None = None) -> OpenResponse:
         """Send one request; return the response once its headers arrived with status 200.
 
         A refused connection is retried on the tier's next endpoint (safe: nothing was sent).
@@ -219,6 +348,13 @@ class TierClient:
         without SSE) when another tier may be tried, ProxyError for a 4xx the client must see.
         """
         assert self.session is not None
+        if not self.model:
+            raise UpstreamFailure(upstream_unavailable(
+                f"tier {self.name}: not ready ({self.discovery_error or 'model unknown'})"),
+                "not_ready")
+        headers = self._headers
+        if auth and self.cfg.forward_auth:
+            headers = {"Content-Type": "application/json", "Authorization": auth}
         await self._admit()
         data = orjson.dumps({**payload, "model": self.model})
         tried: list[Endpoint] = []
@@ -233,14 +369,15 @@ class TierClient:
                     f"tier {self.name}: circuit breaker open for every upstream"), "breaker_open")
             tried.append(ep)
             try:
-                return await self._send(ep, path, data, stream)
+                return await self._send(ep, path, data, stream, headers)
             except _Refused:
                 continue
             except BaseException:
                 self._leave()
                 raise
 
-    async def _send(self, ep: Endpoint, path: str, data: bytes, stream: bool) -> OpenResponse:
+    async def _send(self, ep: Endpoint, path: str, data: bytes, stream: bool,
+                    headers: dict[str, str]) -> OpenResponse:
         assert self.session is not None
         ep.in_flight += 1
         if ep.state == Endpoint.HALF_OPEN:
@@ -257,12 +394,13 @@ class TierClient:
 
         def fail(err: ProxyError, kind: str) -> UpstreamFailure:
             release()
-            ep.on_failure(time.monotonic())
+            ep.on_failure(time.monotonic(), kind)
+            if kind == "connect" and self.cfg.health_path:
+                ep.healthy = False  # skipped until its health check answers again
             return UpstreamFailure(err, kind)
 
         try:
-            resp = await self.session.post(ep.url + path, data=data,
-                                           headers={"Content-Type": "application/json"},
+            resp = await self.session.post(ep.url + path, data=data, headers=headers,
                                            timeout=self._stream_timeout if stream
                                            else self._json_timeout)
         except TimeoutError:

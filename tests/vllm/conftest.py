@@ -216,8 +216,11 @@ async def make_vproxy() -> Any:
     async def factory(*servers: VLLMServer, **sections: dict[str, Any]) -> Any:
         sections.setdefault("router", {"enabled": False})
         sections.setdefault("semantic", {"enabled": False})
+        tiers = sections.pop("tiers", {})  # tier name -> fields (as EDGE_PROXY_TIERS__N__F)
+        env = {f"EDGE_PROXY_TIERS__{t.upper()}__{k.upper()}": str(v)
+               for t, fields in tiers.items() for k, v in fields.items()}
         flags = [f"t{i}={s.url}" for i, s in enumerate(servers)]
-        cfg = load_config(env={}, overrides=sections, tier_flags=flags)
+        cfg = load_config(env=env, overrides=sections, tier_flags=flags)
         p = await start_proxy(cfg)
         started.append(p)
         return p
