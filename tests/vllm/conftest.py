@@ -7,9 +7,10 @@ running the suite queue instead of piling vLLMs onto the CPU.
 
 The session's server serves the tiny model as ``tiny-llama`` with the Hermes tool parser. Its
 chat template writes ``<think>...</think>`` first when the request sets
-``chat_template_kwargs: {"enable_thinking": true}``; test_reasoning.py runs a second server with
-``--reasoning-parser deepseek_r1`` for its own tests only (that parser reads any answer without
-``</think>`` as all reasoning, so it cannot share the plain server).
+``chat_template_kwargs: {"enable_thinking": true}``; test_reasoning.py (last in file order)
+replaces it with a server run with ``--reasoning-parser deepseek_r1`` (that parser reads any
+answer without ``</think>`` as all reasoning, so it cannot share the plain server). A session
+holds one slot at most: two sessions each holding one and waiting for another would deadlock.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The tiny model writes ``<think> Thinking about it</think>`` and then its sentence when the
 request sets ``chat_template_kwargs: {"enable_thinking": true}``. The server for this module
-runs only while its tests do.
+replaces the session's (this module runs last).
 """
 
 from __future__ import annotations
@@ -14,17 +14,26 @@ from typing import Any
 import pytest
 
 from tests.vllm.compare import post, view
-from tests.vllm.conftest import VLLMServer, running
+from tests.vllm.conftest import VLLMServer
 from tests.vllm.test_conformance import PATHS, assert_same, streamed
 
 pytestmark = pytest.mark.asyncio(loop_factories=["uvloop"])
 
 
 @pytest.fixture(scope="module")
-def vllm_reasoning(vllm_python: str) -> Iterator[VLLMServer]:
-    with running(VLLMServer(vllm_python, "--reasoning-parser", "deepseek_r1",
-                            name="tiny-llama-think")) as server:
+def vllm_reasoning(vllm_python: str, vllm: VLLMServer) -> Iterator[VLLMServer]:
+    """Runs last (file order): it takes over the session server's slot, so a session never
+    holds two slots (two sessions each holding one and waiting for a second would deadlock)."""
+    server = VLLMServer(vllm_python, "--reasoning-parser", "deepseek_r1",
+                        name="tiny-llama-think")
+    if not vllm.external:
+        vllm.stop(keep_slot=True)
+        server.slot = vllm.slot
+    try:
+        server.start()
         yield server
+    finally:
+        server.stop(keep_slot=not vllm.external)  # the session server's fixture releases it
 
 
 def think_request() -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""vLLM killed and restarted behind the proxy (runs last: it restarts the session's server)."""
+"""vLLM killed and restarted behind the proxy (after the conformance tests, before test_reasoning,
+which replaces the session server)."""
 
 from __future__ import annotations
 
