@@ -98,55 +98,12 @@ def validate(body: dict[str, Any], endpoint: str, cfg: ServerConfig) -> None:
     if not isinstance(model, str) or not model:
         raise bad_request("'model' is required and must be a non-empty string.", "model",
                           "missing_required_parameter" if model is None else "invalid_type")
-    chars = 0
-    if endpoint == CHAT:
-        msgs = body.get("messages")
-        if msgs is None:
-            raise bad_request("'messages' is required.", "messages", "missing_required_parameter")
-        if not isinstance(msgs, list) or not msgs:
-            raise bad_request("'messages' must be a non-empty array.", "messages", "invalid_type")
-        if len(msgs) > cfg.max_messages:
-            raise bad_request(f"'messages' has {len(msgs)} items; the limit is "
-                              f"{cfg.max_messages}.", "messages", "too_many_messages")
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict):
-                raise bad_request(f"'messages[{i}]' must be an object.", f"messages[{i}]",
-                                  "invalid_type")
-            role = m.get("role")
-            if not isinstance(role, str) or role not in ROLES:
-                raise bad_request(f"'messages[{i}].role' must be one of {sorted(ROLES)}, got "
-                                  f"{role!r:.80}.", f"messages[{i}].role")
-            if "content" not in m and role != "assistant":
-                raise bad_request(f"'messages[{i}].content' is required.",
-                                  f"messages[{i}].content", "missing_required_parameter")
-            chars += _content_chars(m.get("content"), i)
-    else:
-        prompt = body.get("prompt")
-        if prompt is None:
-            raise bad_request("'prompt' is required.", "prompt", "missing_required_parameter")
-        if isinstance(prompt, str):
-            chars = len(prompt)
-        elif isinstance(prompt, list) and prompt and all(
-                isinstance(p, str) for p in prompt):
-            chars = sum(len(p) for p in prompt)
-        elif isinstance(prompt, list) and prompt and all(
-                isinstance(p, int) and not isinstance(p, bool) for p in prompt):
-            chars = len(prompt)
-        else:
-            raise bad_request("'prompt' must be a string, an array of strings or of token ids.",
-                              "prompt", "invalid_type")
+    chars = _chat_chars(body, cfg) if endpoint == CHAT else _prompt_chars(body)
     if chars > cfg.max_prompt_chars:
         raise bad_request(f"The prompt has {chars} characters; the limit is "
                           f"{cfg.max_prompt_chars}.", "messages" if endpoint == CHAT else "prompt",
                           "prompt_too_long")
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise bad_request("'stream' must be a boolean.", "stream", "invalid_type")
-    so = body.get("stream_options")
-    if so is not None and (not isinstance(so, dict) or
-                           not isinstance(so.get("include_usage", False), bool)):
-        raise bad_request("'stream_options' must be an object like {\"include_usage\": true}.",
-                          "stream_options", "invalid_type")
+    _check_stream(body)
     _integer(body, "max_tokens", 1, cfg.max_tokens_limit)
     _integer(body, "max_completion_tokens", 1, cfg.max_tokens_limit)
     _integer(body, "n", 1, 128)
@@ -155,6 +112,64 @@ def validate(body: dict[str, Any], endpoint: str, cfg: ServerConfig) -> None:
     _number(body, "top_p", 0.0, 1.0)
     _number(body, "presence_penalty", -2.0, 2.0)
     _number(body, "frequency_penalty", -2.0, 2.0)
+    _check_shapes(body)
+
+
+def _chat_chars(body: dict[str, Any], cfg: ServerConfig) -> int:
+    """Check ``messages``; returns the characters of their text."""
+    msgs = body.get("messages")
+    if msgs is None:
+        raise bad_request("'messages' is required.", "messages", "missing_required_parameter")
+    if not isinstance(msgs, list) or not msgs:
+        raise bad_request("'messages' must be a non-empty array.", "messages", "invalid_type")
+    if len(msgs) > cfg.max_messages:
+        raise bad_request(f"'messages' has {len(msgs)} items; the limit is "
+                          f"{cfg.max_messages}.", "messages", "too_many_messages")
+    chars = 0
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise bad_request(f"'messages[{i}]' must be an object.", f"messages[{i}]",
+                              "invalid_type")
+        role = m.get("role")
+        if not isinstance(role, str) or role not in ROLES:
+            raise bad_request(f"'messages[{i}].role' must be one of {sorted(ROLES)}, got "
+                              f"{role!r:.80}.", f"messages[{i}].role")
+        if "content" not in m and role != "assistant":
+            raise bad_request(f"'messages[{i}].content' is required.",
+                              f"messages[{i}].content", "missing_required_parameter")
+        chars += _content_chars(m.get("content"), i)
+    return chars
+
+
+def _prompt_chars(body: dict[str, Any]) -> int:
+    """Check ``prompt`` (completions); returns its characters (or token ids)."""
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise bad_request("'prompt' is required.", "prompt", "missing_required_parameter")
+    if isinstance(prompt, str):
+        return len(prompt)
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return sum(len(p) for p in prompt)
+    if isinstance(prompt, list) and prompt and all(
+            isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+        return len(prompt)
+    raise bad_request("'prompt' must be a string, an array of strings or of token ids.",
+                      "prompt", "invalid_type")
+
+
+def _check_stream(body: dict[str, Any]) -> None:
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise bad_request("'stream' must be a boolean.", "stream", "invalid_type")
+    so = body.get("stream_options")
+    if so is not None and (not isinstance(so, dict) or
+                           not isinstance(so.get("include_usage", False), bool)):
+        raise bad_request("'stream_options' must be an object like {\"include_usage\": true}.",
+                          "stream_options", "invalid_type")
+
+
+def _check_shapes(body: dict[str, Any]) -> None:
+    """``stop``, ``tools``, ``response_format``, ``logit_bias``: the right JSON types."""
     stop = body.get("stop")
     if stop is not None and not isinstance(stop, str) and not (
             isinstance(stop, list) and all(isinstance(s, str) for s in stop)):

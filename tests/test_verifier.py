@@ -11,7 +11,15 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from proxy.semantic.verifier import FEATURES, Verdict, Verifier, extract
+from proxy.semantic.verifier import (
+    FEATURES,
+    Verdict,
+    Verifier,
+    extract,
+    guard_flags,
+    load_pairs,
+    load_words,
+)
 
 SIM = 0.90  # a similarity above the threshold: the guards alone decide
 THR = 0.80
@@ -302,3 +310,35 @@ def test_interaction_verify_is_fast() -> None:
     for _ in range(500):
         v.verify(q, c, SIM, THR, query_vec=a, cand_vec=b)
     assert (time.process_time() - t0) / 500 < 300e-6
+
+
+# -- word lists as data ------------------------------------------------------------------------
+
+DATA = Path(__file__).resolve().parents[1] / "proxy" / "semantic" / "data"
+
+
+def _spellings(name: str) -> list[str]:
+    """Every word of a word-list file where a word may appear once (left sides of ``=`` lines)."""
+    if name == "aliases.txt":
+        return [left for left, _ in load_pairs(name, "=")]
+    if name == "units.txt":
+        return [w for _, right in load_pairs(name, ":") for w in right.split()]
+    return [w for line in load_words(name) for w in line.replace("|", " ").split()]
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in DATA.glob("*.txt")))
+def test_word_lists_have_no_duplicates(name: str) -> None:
+    words = _spellings(name)
+    assert words, f"{name} is empty"
+    dups = sorted({w for w in words if words.count(w) > 1})
+    assert not dups, f"{name}: {dups} appear more than once"
+
+
+def test_word_lists_are_what_the_guards_use() -> None:
+    pairs = load_pairs("opposites.txt", "|")
+    assert ("import", "export") in pairs and len(pairs) == len(set(pairs))
+    # one of each: a unit spelling, an alias, a gazetteer name, an opposite pair
+    assert extract("5 kilometres").units == {("5", "km")}
+    assert "usa" in extract("Visa for the United States").surface
+    assert "lisbon" in extract("flights to lisbon").entities
+    assert guard_flags(extract("how to import a file"), extract("how to export a file"))

@@ -26,8 +26,9 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
-from typing import Final
+from typing import ClassVar, Final
 
 import numpy as np
 
@@ -43,75 +44,59 @@ class Verdict:
     score: float  # similarity, or the learned probability when weights are loaded
 
 
+
 # --------------------------------------------------------------------------- lexicons
+# The word lists are data (proxy/semantic/data/*.txt, package data); the small maps that encode
+# grammar (number words, operators, directional words) stay here.
+
+
+def _data_lines(name: str) -> list[str]:
+    """Non-empty, non-comment lines of a word-list file of proxy/semantic/data/."""
+    text = resources.files("proxy.semantic").joinpath("data", name).read_text(encoding="utf-8")
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+def load_words(name: str) -> list[str]:
+    """The whitespace-separated words of a word-list file, in file order."""
+    return [w for ln in _data_lines(name) for w in ln.split()]
+
+
+def load_pairs(name: str, sep: str) -> list[tuple[str, str]]:
+    """The ``left SEP right`` lines of a word-list file, stripped, in file order."""
+    out = []
+    for ln in _data_lines(name):
+        left, _, right = ln.partition(sep)
+        out.append((left.strip(), right.strip()))
+    return out
 
 
 def _words(text: str) -> list[str]:
-    """Whitespace-separated words: keeps the long word lists below readable."""
+    """Whitespace-separated words: keeps the short word lists below readable."""
     return text.split()
 
 
-# Words that never count as names even when capitalised (sentence starts after ":" or in
-# title-cased questions, pronouns, question words).
-_FUNCTION_WORDS: Final = frozenset(
-    _words(
-        "a an the and or but if then so of in on at to for from by with about as into onto over "
-        "under is are was were be been being am do does did done doing have has had having can "
-        "could will would shall should may might must i me my mine we us our you your yours he him "
-        "his she her it its they them their this that these those what which who whom whose when "
-        "where why how there here not no yes all any some each every both either neither other "
-        "another such very just also only than too more most less least much many few one ones way "
-        "ways best good better get got make made use using need want know think like please hi "
-        "hello hey thanks thank ok okay help tell show give let new old first last next vs versus "
-        "etc"
-    )
-)
-
-_NEGATIONS: Final = frozenset(
-    _words(
-        "not no never none nobody nothing nowhere neither nor cannot without unable dont doesnt "
-        "didnt cant wont isnt arent wasnt werent havent hasnt hadnt shouldnt wouldnt couldnt "
-        "mustnt aint"
-    )
-)
-
+_FUNCTION_WORDS: Final = frozenset(load_words("function_words.txt"))
+_NEGATIONS: Final = frozenset(load_words("negations.txt"))
 _NEG_IDIOMS: Final = (" or not ", " why not ", " not only ", " if not ")
-
-_UNITS: Final = {
-    # canonical unit for tokens that can follow a number
-    **dict.fromkeys(["km", "kms", "kilometer", "kilometers", "kilometre", "kilometres"], "km"),
-    **dict.fromkeys(["m", "meter", "meters", "metre", "metres"], "m"),
-    **dict.fromkeys(["cm", "centimeter", "centimeters", "centimetre", "centimetres"], "cm"),
-    **dict.fromkeys(["mm", "millimeter", "millimeters"], "mm"),
-    **dict.fromkeys(["mi", "mile", "miles"], "mi"),
-    **dict.fromkeys(["ft", "foot", "feet"], "ft"),
-    **dict.fromkeys(["in", "inch", "inches"], "in"),
-    **dict.fromkeys(["kg", "kgs", "kilo", "kilos", "kilogram", "kilograms"], "kg"),
-    **dict.fromkeys(["g", "gram", "grams"], "g"),
-    **dict.fromkeys(["lb", "lbs", "pound", "pounds"], "lb"),
-    **dict.fromkeys(["oz", "ounce", "ounces"], "oz"),
-    **dict.fromkeys(["l", "liter", "liters", "litre", "litres"], "l"),
-    **dict.fromkeys(["ml", "milliliter", "milliliters"], "ml"),
-    **dict.fromkeys(["gal", "gallon", "gallons"], "gal"),
-    **dict.fromkeys(["s", "sec", "secs", "second", "seconds"], "s"),
-    **dict.fromkeys(["min", "mins", "minute", "minutes"], "min"),
-    **dict.fromkeys(["h", "hr", "hrs", "hour", "hours"], "h"),
-    **dict.fromkeys(["day", "days"], "day"),
-    **dict.fromkeys(["week", "weeks", "wk", "wks"], "week"),
-    **dict.fromkeys(["month", "months", "mo"], "month"),
-    **dict.fromkeys(["year", "years", "yr", "yrs"], "year"),
-    **dict.fromkeys(["%", "percent", "pct"], "%"),
-    **dict.fromkeys(["$", "usd", "dollar", "dollars", "bucks"], "usd"),
-    **dict.fromkeys(["\u20ac", "eur", "euro", "euros"], "eur"),
-    **dict.fromkeys(["\u00a3", "gbp"], "gbp"),
-    **dict.fromkeys(["inr", "rs", "rupee", "rupees"], "inr"),
-    **dict.fromkeys(["kb", "kilobyte", "kilobytes"], "kb"),
-    **dict.fromkeys(["mb", "megabyte", "megabytes"], "mb"),
-    **dict.fromkeys(["gb", "gigabyte", "gigabytes", "gig", "gigs"], "gb"),
-    **dict.fromkeys(["tb", "terabyte", "terabytes"], "tb"),
-    **dict.fromkeys(["c", "celsius"], "c"),
-    **dict.fromkeys(["f", "fahrenheit"], "f"),
-    **dict.fromkeys(["k"], "k"),
+# a spelling that can follow a number -> its canonical unit
+_UNITS: Final = {w: unit for unit, spellings in load_pairs("units.txt", ":")
+                 for w in spellings.split()}
+_GAZETTEER: Final = frozenset(load_words("gazetteer.txt"))
+_GAZ_BIGRAMS: Final = frozenset(load_words("gazetteer_bigrams.txt"))
+_ALIASES: Final = dict(load_pairs("aliases.txt", "="))
+_NOT_ACRONYMS: Final = frozenset(load_words("not_acronyms.txt"))
+# Pairs of opposite words: one side in the query and the other in the candidate is unsafe.
+_OPPOSITES: Final = load_pairs("opposites.txt", "|")
+_POLE: Final[dict[str, list[tuple[int, int]]]] = {}
+for _g, (_a, _b) in enumerate(_OPPOSITES):
+    for _side, _group_words in enumerate((_a, _b)):
+        for _w in _group_words.split():
+            _POLE.setdefault(_w, []).append((_g, _side))
+_PHRASAL_POLES: Final = {
+    ("log", "in"): "login",
+    ("sign", "in"): "login",
+    ("log", "out"): "logout",
+    ("sign", "out"): "logout",
 }
 
 _NUM_WORDS: Final = {
@@ -166,115 +151,6 @@ _OPERATOR_WORDS: Final = {
     "mod": "%",
 }
 
-# Pairs of opposite words: one side in the query and the other in the candidate is unsafe.
-_OPPOSITES: Final = [
-    ("on", "off"),
-    ("buy bought buying", "sell sold selling"),
-    ("best", "worst"),
-    ("increase increases increased", "decrease decreases decreased reduce reduced"),
-    ("more", "less fewer"),
-    ("most", "least"),
-    ("max maximum", "min minimum"),
-    ("largest biggest", "smallest"),
-    ("before", "after"),
-    ("up", "down"),
-    ("open", "close shut"),
-    ("start starting", "stop stopping"),
-    ("enable enabled", "disable disabled"),
-    ("add adding", "remove removing delete deleting"),
-    ("send sending sent", "receive receiving received"),
-    ("upload", "download"),
-    ("import", "export"),
-    ("encrypt", "decrypt"),
-    ("lock", "unlock"),
-    ("positive", "negative"),
-    ("high higher highest", "low lower lowest"),
-    ("hot hotter", "cold colder"),
-    ("cheap cheaper cheapest", "expensive"),
-    ("advantages pros benefits", "disadvantages cons drawbacks"),
-    ("true", "false"),
-    ("legal", "illegal"),
-    ("male men boy boys man", "female women girl girls woman"),
-    ("rich", "poor"),
-    ("fast faster fastest", "slow slower slowest"),
-    ("easy easier easiest", "hard harder hardest difficult"),
-    ("good", "bad"),
-    ("love", "hate"),
-    ("win winning", "lose losing"),
-    ("deposit", "withdraw withdrawal"),
-    ("credit", "debit"),
-    ("activate", "deactivate"),
-    ("accept", "decline reject"),
-    ("first", "last"),
-    ("next", "previous"),
-    ("early earlier", "late later"),
-    ("north", "south"),
-    ("east", "west"),
-    ("top", "bottom"),
-    ("inside", "outside"),
-    ("login signin", "logout signout"),
-    ("louder", "quieter"),
-    ("brighter", "dimmer"),
-    ("forward", "backward"),
-    ("import", "export"),
-    ("input", "output"),
-    ("maximize", "minimize"),
-    ("include", "exclude"),
-    ("allow", "block"),
-    ("yesterday", "tomorrow"),
-    ("past", "future"),
-]
-_POLE: Final[dict[str, list[tuple[int, int]]]] = {}
-for _g, (_a, _b) in enumerate(_OPPOSITES):
-    for _side, _group_words in enumerate((_a, _b)):
-        for _w in _group_words.split():
-            _POLE.setdefault(_w, []).append((_g, _side))
-_PHRASAL_POLES: Final = {
-    ("log", "in"): "login",
-    ("sign", "in"): "login",
-    ("log", "out"): "logout",
-    ("sign", "out"): "logout",
-}
-
-# Lower-case names that users type without capitals. Small on purpose: it only has to catch the
-# common "same template, different name" questions (capital of X, weather in X, X vs Y code).
-_GAZETTEER: Final = frozenset(
-    _words(
-        "afghanistan albania algeria argentina armenia australia austria bangladesh belgium bhutan "
-        "brazil bulgaria cambodia canada chile china colombia croatia cuba cyprus czechia denmark "
-        "egypt england estonia ethiopia finland france germany ghana greece hungary iceland india "
-        "indonesia iran iraq ireland israel italy jamaica japan jordan kenya korea kuwait laos "
-        "latvia lebanon libya lithuania luxembourg malaysia maldives mexico mongolia morocco "
-        "myanmar nepal netherlands nigeria norway oman pakistan peru philippines poland portugal "
-        "qatar romania russia scotland serbia singapore slovakia slovenia somalia spain sudan "
-        "sweden switzerland syria taiwan tanzania thailand tunisia turkey uganda ukraine uruguay "
-        "venezuela vietnam wales yemen zambia zimbabwe usa uk uae europe asia africa america "
-        "antarctica australia london paris rome berlin madrid lisbon vienna prague warsaw moscow "
-        "beijing shanghai tokyo delhi mumbai bangalore bengaluru chennai kolkata hyderabad pune "
-        "dubai sydney melbourne toronto vancouver montreal chicago boston seattle houston dallas "
-        "atlanta miami denver austin california texas florida york jersey washington amsterdam "
-        "brussels dublin stockholm oslo helsinki copenhagen athens istanbul cairo lagos nairobi "
-        "seoul singapore bangkok jakarta manila hanoi karachi lahore dhaka kathmandu english "
-        "spanish french german italian portuguese russian chinese mandarin japanese korean hindi "
-        "arabic bengali urdu tamil telugu dutch swedish polish turkish greek hebrew python java "
-        "javascript typescript kotlin swift rust golang ruby perl php scala haskell matlab fortran "
-        "cobol sql mysql postgres postgresql mongodb redis linux windows macos android ios ubuntu "
-        "debian excel powerpoint react angular vue django flask node nodejs docker kubernetes aws "
-        "azure gcp git github html css c++ c# .net google apple microsoft amazon facebook meta "
-        "twitter instagram whatsapp youtube netflix uber tesla samsung iphone ipad mac xbox "
-        "playstation quora reddit linkedin spotify january february march april june july august "
-        "september october november december monday tuesday wednesday thursday friday saturday "
-        "sunday today tomorrow yesterday tonight christmas easter diwali ramadan halloween "
-        "thanksgiving"
-    )
-)
-_GAZ_BIGRAMS: Final = frozenset(
-    _words(
-        "new_york new_delhi los_angeles san_francisco hong_kong new_zealand south_africa "
-        "south_korea north_korea saudi_arabia sri_lanka united_states united_kingdom las_vegas "
-        "rio_de"
-    )
-)
 
 # Content-word Jaccard above which two texts "say the same words": the negation guard and the
 # order guard only fire above it. Chosen on the training side (QQP train half, intent train
@@ -282,25 +158,6 @@ _GAZ_BIGRAMS: Final = frozenset(
 # banking77 pairs (76 unsafe) unconditionally; at >= 0.7 on 9 (7 unsafe) and 101 (7 unsafe).
 _NEGATION_SAME: Final = 0.7
 _ORDER_SAME: Final = 0.5
-
-# Different spellings of the same name.
-_ALIASES: Final = {
-    "us": "usa",
-    "u.s": "usa",
-    "united states": "usa",
-    "united_states": "usa",
-    "america": "usa",
-    "uk": "uk",
-    "united kingdom": "uk",
-    "united_kingdom": "uk",
-    "britain": "uk",
-    "great britain": "uk",
-    "nyc": "new york",
-    "new_york": "new york",
-    "york": "new york",
-}
-# All-caps words that are not names.
-_NOT_ACRONYMS: Final = frozenset(_words("I A OK AM PM TV FAQ PLS PLZ ASAP LOL OMG FYI BTW"))
 
 # Words across which order matters: "X than Y", "X to Y", "from X to Y", "X by Y", "X over Y".
 # The value is the marker compared across texts ("into" and "to" are the same direction).
@@ -470,47 +327,83 @@ def extract(text: str) -> TextFeatures:
 
 @lru_cache(maxsize=16384)
 def _extract_cached(text: str) -> TextFeatures:
-    # Cheap substring tests skip the regexes that cannot match (most queries are plain words).
-    quoted: frozenset[str] = frozenset()
-    if _QUOTE_CHARS_RE.search(text):
-        quoted = frozenset(
-            " ".join(
-                t.replace("'", "").replace("\u2019", "")
-                for t in _TOKEN_RE.findall(next(g for g in m.groups() if g is not None).lower())
-            )
-            for m in _QUOTED_RE.finditer(text)
+    # Each extractor first makes a cheap substring test and skips the regexes that cannot
+    # match (most queries are plain words).
+    quoted = _quoted(text)
+    code, rest = _code(text)
+    matches = list(_TOKEN_RE.finditer(rest))
+    raw_tokens = [m.group() for m in matches]
+    tokens = [t.lower().replace("\u2019", "'") for t in raw_tokens]
+    plain = [_strip_possessive(t) if "'" in t else t for t in tokens]
+    words = [t.replace("'", "") if "'" in t else t for t in tokens]
+    numbers, units = _digit_numbers(rest)
+    _word_numbers(plain, numbers, units)
+    joined = " " + " ".join(words) + " "
+    bigrams = {a + "_" + b for a, b in itertools.pairwise(plain)}
+    entities = _entities(rest, matches, raw_tokens, plain)
+    entities.update(bigrams & _GAZ_BIGRAMS)
+    return TextFeatures(
+        numbers=tuple(sorted(numbers)),
+        units=frozenset(units),
+        operators=tuple(sorted(_operators(rest, plain) if numbers else ())),
+        negated=_negated(text, joined),
+        entities=frozenset(entities),
+        quoted=quoted,
+        code=frozenset(code),
+        tokens=tuple(words),
+        surface=_surface(plain, words, bigrams, code),
+        content=frozenset(w for w in words
+                          if w not in _FUNCTION_WORDS and w not in _NEGATIONS and w.isalnum()),
+        poles=_poles(plain),
+        joined=joined,
+        ordered=_ordered_triples(words) if len(words) <= _ORDER_MAX_TOKENS else frozenset(),
+    )
+
+
+def _quoted(text: str) -> frozenset[str]:
+    """Quoted strings ("...", `...`, '...', curly quotes), as lower-case word sequences."""
+    if not _QUOTE_CHARS_RE.search(text):
+        return frozenset()
+    return frozenset(
+        " ".join(
+            t.replace("'", "").replace("\u2019", "")
+            for t in _TOKEN_RE.findall(next(g for g in m.groups() if g is not None).lower())
         )
+        for m in _QUOTED_RE.finditer(text)
+    )
+
+
+def _code(text: str) -> tuple[set[str], str]:
+    """URLs and code identifiers (lower case), and the text with the URLs blanked out."""
     code: set[str] = set()
     rest = text
     if "http" in text or "www." in text or "WWW." in text:
         code.update(u.rstrip(".,;:!?").lower() for u in _URL_RE.findall(text))
         rest = _URL_RE.sub(" ", text)
     for c in (c for need, rx in _CODE_RES if need in rest for c in rx.findall(rest)):
-        # "e.g", "i.e", "U.S" are abbreviations, not dotted names
-        if (
-            "." in c
-            and (
-                c.count(".") * 2 >= len(c) - 1
-                # "girlfriend.What should I do": a missing space, not a dotted name
-                or any(seg[:1].isupper() and seg.lower() in _FUNCTION_WORDS for seg in c.split("."))
-            )
-        ):
-            continue
-        code.add(c.lower())
+        if "." not in c or not _abbreviation_or_typo(c):
+            code.add(c.lower())
+    return code, rest
 
-    matches = list(_TOKEN_RE.finditer(rest))
-    raw_tokens = [m.group() for m in matches]
-    tokens = [t.lower().replace("\u2019", "'") for t in raw_tokens]
 
-    # numbers in digits, with a multiplier word or unit right after them
+def _abbreviation_or_typo(c: str) -> bool:
+    # "e.g", "i.e", "U.S" are abbreviations; "girlfriend.What should I do" is a missing space
+    return c.count(".") * 2 >= len(c) - 1 or any(
+        seg[:1].isupper() and seg.lower() in _FUNCTION_WORDS for seg in c.split("."))
+
+
+def _digit_numbers(rest: str) -> tuple[list[str], set[tuple[str, str]]]:
+    """Numbers in digits (ordinals as "#3"), scaled by a multiplier word right after them, and
+    (value, unit) for those with a unit right after (or a currency sign right before)."""
     numbers: list[str] = []
     units: set[tuple[str, str]] = set()
-    for m in _NUMBER_RE.finditer(rest) if _DIGIT_RE.search(rest) else ():
+    if not _DIGIT_RE.search(rest):
+        return numbers, units
+    for m in _NUMBER_RE.finditer(rest):
         val = _canon_number(m.group(1))
         if m.group(2):
             val = "#" + val
-        tail = rest[m.end() : m.end() + 16].lower()
-        tw = _TOKEN_RE.findall(tail)
+        tw = _TOKEN_RE.findall(rest[m.end() : m.end() + 16].lower())
         if tw and tw[0] in _MULTIPLIERS and not val.startswith("#"):
             val = _canon_number(str(float(val) * _MULTIPLIERS[tw[0]]))
         elif tw and tw[0] in _UNITS:
@@ -519,75 +412,84 @@ def _extract_cached(text: str) -> TextFeatures:
         if before in "$\u20ac\u00a3" and before:
             units.add((val, _UNITS[before]))
         numbers.append(val)
-    # number words
-    plain = [_strip_possessive(t) if "'" in t else t for t in tokens]
-    wvals, wends = ([], []) if _NUMBER_WORDS_ALL.isdisjoint(plain) else _words_to_numbers(plain)
+    return numbers, units
+
+
+def _word_numbers(plain: list[str], numbers: list[str], units: set[tuple[str, str]]) -> None:
+    """Add the numbers written in words (and their units) to ``numbers`` / ``units``."""
+    if _NUMBER_WORDS_ALL.isdisjoint(plain):
+        return
+    wvals, wends = _words_to_numbers(plain)
     for v, e in zip(wvals, wends, strict=True):
         numbers.append(v)
         if e + 1 < len(plain) and plain[e + 1] in _UNITS:
             units.add((v, _UNITS[plain[e + 1]]))
 
-    ops: list[str] = []
-    if numbers:
-        ops = [m.group(1) for m in _OP_RE.finditer(rest)]
-        ops += [_OPERATOR_WORDS[t] for t in plain if t in _OPERATOR_WORDS]
-        ops = [{"\u00d7": "*", "\u00f7": "/"}.get(o, o) for o in ops]
 
-    words = [t.replace("'", "") if "'" in t else t for t in tokens]
+def _operators(rest: str, plain: list[str]) -> list[str]:
+    """Arithmetic operators, as symbols or words (only looked for when there are numbers)."""
+    ops = [m.group(1) for m in _OP_RE.finditer(rest)]
+    ops += [_OPERATOR_WORDS[t] for t in plain if t in _OPERATOR_WORDS]
+    return [{"\u00d7": "*", "\u00f7": "/"}.get(o, o) for o in ops]
+
+
+def _negated(text: str, joined: str) -> bool:
+    """Whether the text is negated ("why or why not", "or not?", "not only" do not count)."""
     low_text = text.lower()
-    joined = " " + " ".join(words) + " "
-    # "why or why not", "or not?", "not only": the question is not negated
-    neg_text = joined
+    if "n't" in low_text or "n\u2019t" in low_text:
+        return True
     for idiom in _NEG_IDIOMS:
-        if idiom in neg_text:
-            neg_text = neg_text.replace(idiom, " ")
-    negated = ("n't" in low_text or "n\u2019t" in low_text) or not _NEGATIONS.isdisjoint(
-        neg_text.split()
-    )
+        if idiom in joined:
+            joined = joined.replace(idiom, " ")
+    return not _NEGATIONS.isdisjoint(joined.split())
 
+
+def _entities(rest: str, matches: list[re.Match[str]], raw_tokens: list[str],
+              plain: list[str]) -> set[str]:
+    """Names as chunks of consecutive name words ("donald trump"), aliases resolved: a chunk is
+    matched when the other text mentions any part of it ("trump", "Dhoni" for "Mahendra Singh
+    Dhoni")."""
     # Capitalised words carry no signal in Title Case or ALL CAPS text, or at sentence starts.
     alpha = [t for t in raw_tokens if t[:1].isalpha()]
     caps = sum(1 for t in alpha if t[0].isupper())
     use_caps = len(alpha) < 3 or caps / max(len(alpha), 1) <= 0.5
-    # Names are kept as chunks of consecutive name words ("donald trump"): a chunk is matched
-    # when the other text mentions any part of it ("trump", "Dhoni" for "Mahendra Singh Dhoni").
+    starts = _sentence_starts(rest, [m.span() for m in matches]) if use_caps else frozenset()
     entities: set[str] = set()
     chunk: list[str] = []
-    starts = _sentence_starts(rest, [m.span() for m in matches]) if use_caps else frozenset()
     for i, (raw, low) in enumerate(zip(raw_tokens, plain, strict=True)):
-        is_name = low in _GAZETTEER
-        if (
-            use_caps
-            and raw.isupper()
-            and len(raw) >= 2
-            and raw.isalpha()
-            and raw not in _NOT_ACRONYMS
-        ):
-            is_name = True  # acronyms anywhere ("US" too, though "us" is a stopword)
-        elif low in _FUNCTION_WORDS or low in _UNITS:
-            pass
-        elif use_caps and i not in starts and _WORD_CAP_RE.fullmatch(raw):
-            # a sentence's first word is capitalised by grammar, not because it is a name
-            is_name = True
-        if is_name:
+        if _is_name(raw, low, use_caps and i not in starts, use_caps):
             chunk.append(low)
         elif chunk:
             entities.add(" ".join(chunk))
             chunk = []
     if chunk:
         entities.add(" ".join(chunk))
-    entities = {_ALIASES.get(e, e) for e in entities}
-    bigrams = {a + "_" + b for a, b in itertools.pairwise(plain)}
-    entities.update(bigrams & _GAZ_BIGRAMS)
+    return {_ALIASES.get(e, e) for e in entities}
 
+
+def _is_name(raw: str, low: str, caps_mean_name: bool, use_caps: bool) -> bool:
+    if low in _GAZETTEER:
+        return True
+    if use_caps and raw.isupper() and len(raw) >= 2 and raw.isalpha() and raw not in _NOT_ACRONYMS:
+        return True  # acronyms anywhere ("US" too, though "us" is a stopword)
+    if low in _FUNCTION_WORDS or low in _UNITS:
+        return False
+    # a sentence's first word is capitalised by grammar, not because it is a name
+    return caps_mean_name and _WORD_CAP_RE.fullmatch(raw) is not None
+
+
+def _surface(plain: list[str], words: list[str], bigrams: set[str],
+             code: set[str]) -> frozenset[str]:
+    """Tokens, bigrams, stems, code and aliases: to look names up leniently."""
     surface = set(plain) | bigrams | set(words)
     surface.update(_stem(w) for w in plain if w.endswith("s"))
     surface.update(code)
     surface.update(_ALIASES[b] for b in surface & _ALIASES.keys())
-    content = frozenset(
-        w for w in words if w not in _FUNCTION_WORDS and w not in _NEGATIONS and w.isalnum()
-    )
+    return frozenset(surface)
 
+
+def _poles(plain: list[str]) -> frozenset[tuple[int, int]]:
+    """(opposite group, side) of every opposite word or phrasal verb ("log in") in the text."""
     poles: set[tuple[int, int]] = set()
     for w in _POLE.keys() & set(plain):
         poles.update(_POLE[w])
@@ -595,25 +497,13 @@ def _extract_cached(text: str) -> TextFeatures:
         ph = _PHRASAL_POLES.get((a, b))
         if ph:
             poles.update(_POLE[ph])
-    ordered = _ordered_triples(words) if len(words) <= _ORDER_MAX_TOKENS else frozenset()
-    return TextFeatures(
-        numbers=tuple(sorted(numbers)),
-        units=frozenset(units),
-        operators=tuple(sorted(ops)),
-        negated=negated,
-        entities=frozenset(entities),
-        quoted=quoted,
-        code=frozenset(code),
-        tokens=tuple(words),
-        surface=frozenset(surface),
-        content=content,
-        poles=frozenset(poles),
-        joined=joined,
-        ordered=ordered,
-    )
+    return frozenset(poles)
+
 
 
 # --------------------------------------------------------------------------- guards
+# One small class per check behind one interface (GPTCache's similarity evaluations): a guard
+# looks at the two texts' features and says why the pair is unsafe, or nothing.
 
 
 def _fmt(items: Iterable[str]) -> str:
@@ -654,72 +544,148 @@ def _order_swapped(a: TextFeatures, b: TextFeatures) -> tuple[str, str] | None:
     return None
 
 
+class Guard:
+    """A check of a (query, candidate) pair; ``check`` returns why it is unsafe, or None.
+
+    ``jaccard`` is the content-word Jaccard of the two texts (some guards only decide when the
+    texts say nearly the same words).
+    """
+
+    __slots__ = ()
+    name: ClassVar[str]
+
+    def check(self, q: TextFeatures, c: TextFeatures, jaccard: float) -> str | None:
+        raise NotImplementedError
+
+
+class NumbersGuard(Guard):
+    """Numbers, arithmetic operators, or the unit of a shared number differ."""
+
+    __slots__ = ()
+    name = "numbers"
+
+    def check(self, q: TextFeatures, c: TextFeatures, jaccard: float) -> str | None:
+        if q.numbers != c.numbers:
+            return f"numbers differ: {_fmt(set(q.numbers))} vs {_fmt(set(c.numbers))}"
+        if q.operators != c.operators:
+            return f"operators differ: {_fmt(set(q.operators))} vs {_fmt(set(c.operators))}"
+        qu = dict(q.units)
+        for v, u in c.units:
+            if v in qu and qu[v] != u:
+                return f"units differ: {v} {qu[v]} vs {v} {u}"
+        return None
+
+
+class NegationGuard(Guard):
+    """One side negated, when the two say nearly the same words: then "not" is the difference.
+    Lexically different paraphrases express negation in other ways ("was not accepted" / "was
+    rejected"), and there the embedding already sees the meaning."""
+
+    __slots__ = ()
+    name = "negation"
+
+    def check(self, q: TextFeatures, c: TextFeatures, jaccard: float) -> str | None:
+        if q.negated != c.negated and jaccard >= _NEGATION_SAME:
+            return "negation: " + ("query" if q.negated else "candidate") + " negated"
+        return None
+
+
+class QuotedGuard(Guard):
+    """A quoted string of one text missing from the other (quoted there or not: a quoted phrase
+    the other text contains unquoted is emphasis, not a different string)."""
+
+    __slots__ = ()
+    name = "quoted"
+
+    def check(self, q: TextFeatures, c: TextFeatures, jaccard: float) -> str | None:
+        if q.quoted == c.quoted:
+            return None
+        mq = [x for x in q.quoted if f" {x} " not in c.joined]
+        mc = [x for x in c.quoted if f" {x} " not in q.joined]
+        return f"quoted: {_fmt(mq)} vs {_fmt(mc)}" if mq or mc else None
+
+
+class CodeGuard(Guard):
+    """A code identifier or URL of one text that the other does not mention."""
+
+    __slots__ = ()
+    name = "code"
+
+    def check(self, q: TextFeatures, c: TextFeatures, jaccard: float) -> str | None:
+        if q.code == c.code:
+            return None
+        mq, mc = _missing(q.code, c), _missing(c.code, q)
+        return f"code: {_fmt(mq)} vs {_fmt(mc)}" if mq or mc else None
+
+
+class EntityGuard(Guard):
+    """A name of one text that the other does not mention in any form."""
+
+    __slots__ = ()
+    name = "entity"
+
+    def check(self, q: TextFeatures, c: TextFeatures, jaccard: float) -> str | None:
+        mq, mc = _missing(q.entities, c), _missing(c.entities, q)
+        if not (mq or mc):
+            return None
+        return "entity: " + _fmt(f"'{e}'" for e in mq) + " vs " + _fmt(f"'{e}'" for e in mc)
+
+
+class OppositeGuard(Guard):
+    """One side of an opposite pair in one text, the other side (only) in the other."""
+
+    __slots__ = ()
+    name = "opposite"
+
+    def check(self, q: TextFeatures, c: TextFeatures, jaccard: float) -> str | None:
+        if q.poles == c.poles:
+            return None
+        qg = {g: s for g, s in q.poles}
+        for g, s in c.poles:
+            if g in qg and qg[g] != s and (g, s) not in q.poles and (g, qg[g]) not in c.poles:
+                a, b = _OPPOSITES[g]
+                return f"opposite: {a.split()[0]}/{b.split()[0]}"
+        return None
+
+
+class OrderGuard(Guard):
+    """Two words swapped across a directional word ("list to dict" / "dict to list"), when the
+    texts say mostly the same words."""
+
+    __slots__ = ()
+    name = "order"
+
+    def check(self, q: TextFeatures, c: TextFeatures, jaccard: float) -> str | None:
+        sw = _order_swapped(q, c) if jaccard >= _ORDER_SAME else None
+        return f"order: '{sw[0]}' .. '{sw[1]}' swapped" if sw else None
+
+
+#: The guards, cheapest first (``guard_flags(first=True)`` stops at the first that fires).
+GUARD_TABLE: Final[tuple[Guard, ...]] = (
+    NumbersGuard(), NegationGuard(), QuotedGuard(), CodeGuard(), EntityGuard(), OppositeGuard(),
+    OrderGuard(),
+)
+GUARDS: Final = tuple(g.name for g in GUARD_TABLE)
+
+
 def guard_flags(q: TextFeatures, c: TextFeatures, *, first: bool = False) -> dict[str, str]:
     """Guards that fire for (query, candidate), with a human-readable reason.
 
     ``first=True`` stops at the first guard that fires (cheapest first); the learned verifier
     needs them all.
     """
-    flags: dict[str, str] = {}
-    if q.numbers != c.numbers:
-        flags["numbers"] = f"numbers differ: {_fmt(set(q.numbers))} vs {_fmt(set(c.numbers))}"
-    elif q.operators != c.operators:
-        flags["numbers"] = f"operators differ: {_fmt(set(q.operators))} vs {_fmt(set(c.operators))}"
-    else:
-        qu = dict(q.units)
-        for v, u in c.units:
-            if v in qu and qu[v] != u:
-                flags["numbers"] = f"units differ: {v} {qu[v]} vs {v} {u}"
-                break
-    if first and flags:
-        return flags
     inter = len(q.content & c.content)
     jaccard = inter / (len(q.content) + len(c.content) - inter or 1)
-    # Negation and word order only decide when the two texts say nearly the same words: then
-    # "not" (or the order) is the difference. Lexically different paraphrases express negation
-    # in other ways ("was not accepted" / "was rejected"), and there the embedding already sees
-    # the meaning.
-    if q.negated != c.negated and jaccard >= _NEGATION_SAME:
-        flags["negation"] = "negation: " + ("query" if q.negated else "candidate") + " negated"
-    if first and flags:
-        return flags
-    if q.quoted != c.quoted:
-        # A quoted phrase the other text contains unquoted is emphasis, not a different string.
-        mq = [x for x in q.quoted if f" {x} " not in c.joined]
-        mc = [x for x in c.quoted if f" {x} " not in q.joined]
-        if mq or mc:
-            flags["quoted"] = f"quoted: {_fmt(mq)} vs {_fmt(mc)}"
-    if first and flags:
-        return flags
-    if q.code != c.code:
-        mq, mc = _missing(q.code, c), _missing(c.code, q)
-        if mq or mc:
-            flags["code"] = f"code: {_fmt(mq)} vs {_fmt(mc)}"
-    if first and flags:
-        return flags
-    mq, mc = _missing(q.entities, c), _missing(c.entities, q)
-    if mq or mc:
-        flags["entity"] = (
-            "entity: " + _fmt(f"'{e}'" for e in mq) + " vs " + _fmt(f"'{e}'" for e in mc)
-        )
-    if first and flags:
-        return flags
-    if q.poles != c.poles:
-        qg = {g: s for g, s in q.poles}
-        for g, s in c.poles:
-            if g in qg and qg[g] != s and (g, s) not in q.poles and (g, qg[g]) not in c.poles:
-                a, b = _OPPOSITES[g]
-                flags["opposite"] = f"opposite: {a.split()[0]}/{b.split()[0]}"
+    flags: dict[str, str] = {}
+    for guard in GUARD_TABLE:
+        reason = guard.check(q, c, jaccard)
+        if reason:
+            flags[guard.name] = reason
+            if first:
                 break
-    if first and flags:
-        return flags
-    sw = _order_swapped(q, c) if jaccard >= _ORDER_SAME else None
-    if sw:
-        flags["order"] = f"order: '{sw[0]}' .. '{sw[1]}' swapped"
     return flags
 
 
-GUARDS: Final = ("numbers", "negation", "quoted", "code", "entity", "opposite", "order")
 
 
 def pair_features(
