@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from proxy import gcwatch
 from proxy.errors import ProxyError, bad_request
 from proxy.handlers import Proxy
 
@@ -66,6 +67,8 @@ class Admin:
             "semantic": None if p.semantic is None else {
                 "entries": len(p.semantic.index), **p.semantic.index.stats(),
                 "memory_bytes": p.semantic.index.memory_bytes()},
+            "embedder": None if p.semantic is None else p.semantic.embedder_stats(),
+            "gc": None if gcwatch.current is None else gcwatch.current.stats(),
             "flights_in_progress": len(p.flights),
             "tiers": {n: {"model": t.model, "active": t.active,
                           "endpoints": [{"url": e.url, "state": e.state, "in_flight": e.in_flight}

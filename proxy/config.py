@@ -101,6 +101,8 @@ class ServerConfig:
     access_log: bool = False
     #: Bearer token for /admin/*; empty disables the admin API.
     admin_token: str = ""
+    #: gc.set_threshold at start (gen0, gen1, gen2); empty = Python's (700, 10, 10).
+    gc_thresholds: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,12 +146,19 @@ class SemanticConfig:
     model_path: str = ""
     #: Embedder LRU of text -> vector, entries.
     embed_cache_size: int = 10_000
-    #: Longest wait for a query's embedding; past it the request skips the semantic layer
+    #: Skip the semantic lookup when the embedder's estimated wait for this query's vector (queue
+    #: + its own embedding) is over this, rather than queue (0 = never skip).
+    embed_deadline_s: float = 0.010
+    #: Longest actual wait for a query's embedding; past it the request skips the semantic layer
     #: (and the router uses its text-only features) instead of queueing behind a busy embedder.
-    embed_timeout_s: float = 1.0
-    #: CPU policy of the embedding thread: "idle" (SCHED_IDLE: a cache hit preempts it at once;
-    #: it runs only on CPU time nothing else in the container wants), "nice" (+10) or "normal".
-    embed_priority: str = "idle"
+    embed_timeout_s: float = 0.020
+    #: Embedding worker threads; 0 = the cores this process may use (affinity, cgroup quota).
+    embed_threads: int = 0
+    #: CPU policy of the embedding threads: "nice" (nice +embed_nice: the loop wins the core,
+    #: the embedder still progresses beside busy neighbours), "idle" (SCHED_IDLE: runs only on
+    #: CPU time nothing else wants) or "normal".
+    embed_priority: str = "nice"
+    embed_nice: int = 5
     #: Entries in the semantic index.
     capacity: int = 100_000
     ttl_s: float = 86_400.0
@@ -416,6 +425,15 @@ def _validate(cfg: Config) -> Config:
                           f"{cfg.semantic.embed_priority!r}")
     if cfg.semantic.embed_timeout_s <= 0:
         raise ConfigError("semantic.embed_timeout_s: must be > 0")
+    gct = cfg.server.gc_thresholds
+    if gct and (len(gct) > 3 or gct[0] < 1 or any(t < 0 for t in gct)):
+        raise ConfigError("server.gc_thresholds: up to three integers, the first >= 1")
+    if cfg.semantic.embed_deadline_s < 0:
+        raise ConfigError("semantic.embed_deadline_s: must be >= 0")
+    if cfg.semantic.embed_threads < 0:
+        raise ConfigError("semantic.embed_threads: must be >= 0 (0: the cores available)")
+    if not 0 <= cfg.semantic.embed_nice <= 19:
+        raise ConfigError("semantic.embed_nice: must be in 0..19")
     for i, pat in enumerate(cfg.semantic.bypass_patterns):
         try:
             re.compile(pat)

@@ -152,6 +152,15 @@ class Metrics:
         self.semantic_rejects = Counter("edge_proxy_semantic_rejects",
                                         "Candidates over the threshold refused, by reason",
                                         ["reason"], registry=r)
+        self.gc_pause = Histogram("edge_proxy_gc_pause_seconds",
+                                  "Cyclic GC pauses (on the thread that allocated: the loop)",
+                                  ["generation"], buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002,
+                                                           0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+                                  registry=r)
+        self.semantic_skipped = Counter("edge_proxy_semantic_skipped",
+                                        "Semantic lookups shed: embedding over its deadline "
+                                        "(estimated) or its timeout (waited)", ["reason"],
+                                        registry=r)
         self.route_decisions = Counter("edge_proxy_route_decisions",
                                        "Routed requests by chosen tier", ["tier"], registry=r)
         self.shared_up = Gauge("edge_proxy_shared_stream_up",

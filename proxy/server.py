@@ -16,6 +16,7 @@ import orjson
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from proxy import gcwatch
 from proxy.admin import Admin
 from proxy.config import Config
 from proxy.errors import ProxyError
@@ -131,6 +132,7 @@ class Server:
                  cfg.port, ", ".join(f"{n}={t.model}" for n, t in proxy.tiers.items()),
                  self.config.cache.redis_url or "off")
         freeze_startup_heap()
+        gcwatch.install(proxy.metrics, cfg.gc_thresholds)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -34,6 +34,10 @@ from proxy.mock_vllm import MockVLLM, start_mock
 from proxy.server import PROXY_KEY, build_app
 
 ROOT = Path(__file__).resolve().parent.parent
+# Proxies started as child processes (run_cli) read these: no shedding of semantic lookups on a
+# loaded CI box (see make_proxy); tests of the deadline set their own.
+os.environ.setdefault("EDGE_PROXY_SEMANTIC__EMBED_DEADLINE_S", "0")
+os.environ.setdefault("EDGE_PROXY_SEMANTIC__EMBED_TIMEOUT_S", "10")
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:
@@ -161,6 +165,12 @@ async def make_proxy(tiers: dict[str, Tier]) -> AsyncIterator[Any]:
         # the router is off unless a test turns it on: most tests want model "auto" to reach a
         # known tier (the default: small)
         sections.setdefault("router", {"enabled": False})
+        # the semantic layer sheds lookups whose embedding would be late (5-20 ms in
+        # production); a loaded CI box must not turn the tests' expected hits into sheds, so
+        # tests wait for their vectors unless they set the deadline themselves
+        sem = sections.setdefault("semantic", {})
+        sem.setdefault("embed_deadline_s", 0.0)
+        sem.setdefault("embed_timeout_s", 10.0)
         urls = {n: tiers[n].url for n in tier_names}
         urls.update(tier_urls or {})
         cfg = load_config(env={}, overrides=sections, tier_flags=[f"{n}={u}" for n, u in

@@ -101,5 +101,6 @@ def test_readme_example_config_loads(tmp_path) -> None:
     path.write_text(block.group(1))
     cfg = load_config(path, env={})
     assert [t.name for t in cfg.tiers] == ["small", "medium", "large"]
-    assert cfg.semantic.embed_priority == "idle" and cfg.semantic.embed_timeout_s == 1.0
+    assert cfg.semantic.embed_priority == "nice" and cfg.semantic.embed_timeout_s == 0.02
+    assert cfg.semantic.embed_deadline_s == 0.01 and cfg.semantic.embed_threads == 0
     assert cfg.router.cuts == (0.4, 0.7)

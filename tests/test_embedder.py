@@ -95,7 +95,7 @@ def test_env_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 async def test_concurrent_embeds_get_their_own_vectors(sync_embedder: Embedder) -> None:
     texts = [f"question number {i} about topic {i * 7 % 13}" for i in range(60)]
     want = sync_embedder.embed_batch(texts)
-    e = Embedder(max_batch=16)
+    e = Embedder(max_batch=16, workers=1)
     await e.start()
     try:
         got = await asyncio.gather(*(e.embed(t) for t in texts))
@@ -103,8 +103,58 @@ async def test_concurrent_embeds_get_their_own_vectors(sync_embedder: Embedder) 
         await e.close()
     np.testing.assert_allclose(np.vstack(got), want, atol=1e-5)
     assert e.stats.texts == 60
-    assert e.stats.batches < 60  # requests were actually micro-batched
+    assert e.stats.batches < 60  # the worker drained several queued requests per wake-up
     assert max(e.stats.batch_sizes) <= 16
+
+
+def test_equal_length_batch_is_not_single(sync_embedder: Embedder) -> None:
+    # Why the embedder never batches texts by default, not even equal token lengths (no
+    # padding): dynamic int8 quantization takes one activation scale per tensor, so a text's
+    # vector would depend on its batch neighbours.
+    texts = ["How do I learn Python fast?", "What is the capital of France?",
+             "How can I lose weight quickly?", "Why is the sky blue today?"]
+    encs = sync_embedder._tokenizer.encode_batch(texts)
+    assert len({len(x.ids) for x in encs}) == 1  # one length: no padding involved
+    ids = np.asarray([x.ids for x in encs], np.int64)
+    together = sync_embedder._run(ids, np.ones_like(ids))
+    single = sync_embedder.embed_batch(texts)
+    assert np.abs(together - single).max() > 1e-3
+
+
+async def test_workers_give_the_vectors_of_single_runs(sync_embedder: Embedder) -> None:
+    # Several worker threads share one session: a text's vector must be bit for bit the one a
+    # lone run gives, whatever ran beside it.
+    texts = [f"question {i}: how do I {['cook', 'fix', 'learn'][i % 3]} {i * 7 % 13} things?"
+             for i in range(40)]
+    want = np.vstack([sync_embedder.embed_batch([t]) for t in texts])
+    e = Embedder(workers=3)
+    await e.start()
+    try:
+        assert len(e._threads) == 3
+        got = await asyncio.gather(*(e.embed(t) for t in texts))
+    finally:
+        await e.close()
+    assert np.array_equal(np.vstack(got), want)
+
+
+async def test_estimate_follows_the_queue() -> None:
+    e = Embedder(workers=1)
+    await e.start()
+    try:
+        assert e.estimate_s("anything") == 0.0  # nothing measured, nothing queued
+        await e.embed("a first text to measure the time per embedding")
+        one = e.service_s
+        assert one > 0
+        assert e.estimate_s("new text") == pytest.approx(one)
+        assert e.estimate_s("a first text to measure the time per embedding") == 0.0  # LRU
+        long = [f"backlog {i} " + "lorem ipsum dolor sit amet " * 20 for i in range(16)]
+        tasks = [asyncio.ensure_future(e.embed(t)) for t in long]
+        await asyncio.sleep(0)
+        assert e.estimate_s("new text") >= 16 * min(one, e.service_s)
+        await asyncio.gather(*tasks)
+        assert e.estimate_s("new text") == pytest.approx(e.service_s)
+    finally:
+        await e.close()
 
 
 async def test_cache_hit_and_coalescing() -> None:

@@ -144,32 +144,58 @@ async def test_embedding_failure_degrades_to_a_miss(make_proxy, tiers) -> None:
     assert r.headers["x-cache"] == "hit-exact"  # the exact layer still works
 
 
-def test_embedder_thread_runs_at_idle_priority(tmp_path) -> None:
-    # The worker must yield the core to the event loop at once (SCHED_IDLE on Linux).
+def test_embedder_thread_priorities(tmp_path) -> None:
+    # Default "nice": the workers run at nice +5 (the loop keeps 0); "idle": SCHED_IDLE.
     code = (
         "import asyncio, os\n"
         "from proxy.semantic.embedder import Embedder\n"
         "async def main():\n"
-        "    e = Embedder(); await e.start(); await e.embed('hello there')\n"
-        "    tid = e._thread.native_id\n"
+        "    e = Embedder(workers=2); await e.start(); await e.embed('hello there')\n"
+        "    print(e.priority, *(os.getpriority(os.PRIO_PROCESS, t.native_id)\n"
+        "                        for t in e._threads), os.getpriority(os.PRIO_PROCESS, 0))\n"
+        "    await e.close()\n"
+        "    e = Embedder(priority='idle', workers=1); await e.start()\n"
+        "    await e.embed('hello there')\n"
+        "    tid = e._threads[0].native_id\n"
         "    print(e.priority, os.sched_getscheduler(tid) == os.SCHED_IDLE,\n"
         "          os.sched_getscheduler(0) == os.SCHED_OTHER)\n"
-        "    await e.close()\n"
-        "    e = Embedder(priority='nice'); await e.start(); await e.embed('hello there')\n"
-        "    print(e.priority, os.getpriority(os.PRIO_PROCESS, e._thread.native_id))\n"
         "    await e.close()\n"
         "asyncio.run(main())\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-800:]
-    # only the worker thread is idle; "nice" gives +10 (relative to the process's 0)
-    assert out.stdout.split() == ["idle", "True", "True", "nice+10", "10"]
+    # only the worker threads are lowered, never the loop's thread
+    assert out.stdout.split() == ["nice+5", "5", "5", "0", "idle", "True", "True"]
+
+
+async def test_busy_embedder_sheds_the_lookup(make_proxy, tiers) -> None:
+    # Over its deadline (estimated queue wait), the semantic lookup is skipped, counted, and the
+    # request served as a miss at once; nothing is indexed for it.
+    import aiohttp
+
+    p = await make_proxy(semantic={"embed_deadline_s": 0.005, "embed_timeout_s": 5.0,
+                                   "embed_threads": 1})
+    emb = p.proxy.semantic.embedder
+    await emb.embed("measure one embedding first")
+    backlog = [emb.embed(f"backlog {i} " + "lorem ipsum dolor sit amet " * 40) for i in range(32)]
+    tasks = [asyncio.ensure_future(b) for b in backlog]
+    await asyncio.sleep(0)
+    r = await p.client().chat.completions.with_raw_response.create(
+        model="auto", messages=ask("How do I reset my password?"))
+    assert r.headers["x-cache"] == "miss" and r.parse().choices[0].message.content
+    async with aiohttp.ClientSession() as s, s.get(p.url + "/metrics") as m:
+        text = await m.text()
+    assert 'edge_proxy_semantic_skipped_total{reason="deadline"} 1.0' in text
+    assert emb.stats.skipped == 1
+    await asyncio.gather(*tasks)
+    assert len(p.proxy.semantic.index) == 0  # no vector: nothing indexed for this answer
 
 
 async def test_busy_embedder_times_out_to_a_miss(make_proxy, tiers) -> None:
     import aiohttp
 
-    p = await make_proxy(semantic={"embed_timeout_s": 0.05})
+    p = await make_proxy(semantic={"embed_timeout_s": 0.05, "embed_deadline_s": 0,
+                                   "embed_threads": 1})
     emb = p.proxy.semantic.embedder
     # Keep the real worker busy: 32 long texts (128 tokens each) take far longer than 50 ms.
     backlog = [emb.embed(f"backlog {i} " + "lorem ipsum dolor sit amet " * 40) for i in range(32)]

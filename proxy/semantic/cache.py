@@ -55,7 +55,8 @@ class SemanticCache:
         self.exact = exact
         self.rank = {name: i for i, name in enumerate(tier_order)}
         self.embedder = Embedder(cfg.model_path or None, cache_size=cfg.embed_cache_size,
-                                 priority=cfg.embed_priority)
+                                 workers=cfg.embed_threads or None,
+                                 priority=cfg.embed_priority, nice=cfg.embed_nice)
         self.index = SemanticIndex(capacity=cfg.capacity, ttl_s=cfg.ttl_s,
                                    brute_force_max=cfg.brute_force_max)
         self.verifier = Verifier(guards=cfg.guards, weights_path=cfg.verifier_weights or None)
@@ -143,18 +144,35 @@ class SemanticCache:
                 t = max(t, min(1.0, float(requested)))
         return t
 
-    async def embed(self, text: str) -> np.ndarray | None:
-        """The query's vector, or None when it is not ready within ``embed_timeout_s``.
+    def would_wait(self, text: str) -> bool:
+        """Is this query's vector estimated to miss ``embed_deadline_s``? (counted as a shed)"""
+        deadline = self.cfg.embed_deadline_s
+        if deadline <= 0 or self.embedder.estimate_s(text) <= deadline:
+            return False
+        self.embedder.stats.skipped += 1
+        self.metrics.semantic_skipped.labels("deadline").inc()
+        return True
 
-        The embedder runs at idle CPU priority, so a loop saturated by cache hits starves it;
-        a request then goes on without the semantic layer rather than waiting. The embedding
-        still completes in the background and lands in the embedder's LRU.
+    async def embed(self, text: str) -> np.ndarray | None:
+        """The query's vector, or None: shed (estimated wait over ``embed_deadline_s``) or not
+        ready within ``embed_timeout_s``.
+
+        Past its capacity the proxy sheds semantic work instead of queueing it: a request then
+        goes on without the semantic layer. A timed-out embedding still completes in the
+        background and lands in the embedder's LRU.
         """
         t0 = time.perf_counter()
+        vec = self.embedder.cached(text)
+        if vec is not None:
+            self.metrics.embed_seconds.observe(time.perf_counter() - t0)
+            return vec
+        if self.would_wait(text):
+            return None
         try:
             vec = await self.embedder.embed(text, self.cfg.embed_timeout_s)
         except TimeoutError:
             self.metrics.semantic_rejects.labels("embed_timeout").inc()
+            self.metrics.semantic_skipped.labels("timeout").inc()
             return None
         self.metrics.embed_seconds.observe(time.perf_counter() - t0)
         return vec
@@ -201,6 +219,13 @@ class SemanticCache:
         self.index.add(vec, entry)
         if self.shared is not None:
             self.shared.publish(vec, entry)
+
+    def embedder_stats(self) -> dict[str, object]:
+        e = self.embedder
+        return {"workers": e.workers, "priority": e.priority,
+                "service_ms": round(1000 * e.service_s, 3), "queued": len(e._pending),
+                "texts": e.stats.texts, "cache_hits": e.stats.cache_hits,
+                "skipped": e.stats.skipped}
 
     def update_gauges(self) -> None:
         self.metrics.cache_entries.labels("semantic").set(len(self.index))

@@ -1,16 +1,24 @@
 """Sentence embeddings for the semantic cache: int8 all-MiniLM-L6-v2 in a worker thread.
 
 The model (models/minilm-l6-int8.onnx, built by models/build_model.py) outputs the final
-mean-pooled, L2-normalised 384-d vector. One worker thread owns the onnxruntime session; the
-event loop only puts requests in a queue and awaits futures. The worker drains everything queued
-(up to ``max_batch``) per wake-up and resolves the futures together (continuous micro-batching).
+mean-pooled, L2-normalised 384-d vector. ``workers`` threads (default: the cores the process may
+use, cgroup CPU quota included) share one onnxruntime session (one intra-op thread per run); the
+event loop only puts requests in a queue and awaits futures. A worker drains what is queued (up
+to ``max_batch``) per wake-up.
 
-Why each text still gets its own ``session.run`` by default: dynamic int8 quantization picks one
-activation scale per tensor, i.e. per *batch*; padding a text together with others changes its
-vector (cosine down to 0.97 measured on dev sentences). A cache needs a text's vector not to
-depend on its neighbours, so ``padded_batches=False`` (default) runs texts one by one inside the
-worker's batch; ``padded_batches=True`` pads them into one run (~1.5x throughput under load,
-vectors within cosine ~0.99 of the unbatched ones).
+No micro-batching by default, not even of equal token lengths: dynamic int8 quantization picks
+one activation scale per tensor, i.e. per *batch*, so a text's vector changes with its batch
+neighbours even when no padding is needed (max |diff| ~0.017 measured for five 9-token
+questions; tests/test_embedder.py checks it). A cache needs a text's vector not to depend on its
+neighbours, so ``padded_batches=False`` (default) runs texts one by one; identical texts in
+flight share one run (coalesced). ``padded_batches=True`` pads them into one run (~1.5x
+throughput under load, vectors within cosine ~0.99 of the unbatched ones).
+
+Deadline: ``estimate_s()`` is what a new text would wait for its vector now (texts ahead of it
+per worker times the recent time per embedding, or the age of the oldest queued text if the
+workers are not getting the CPU). The semantic layer skips its lookup when that exceeds
+``semantic.embed_deadline_s`` rather than queue (counted in
+``edge_proxy_semantic_skipped_total{reason="deadline"}``).
 
 Finding the model when installed (not from the repo): ``EDGE_PROXY_MODEL`` (path of the .onnx)
 and ``EDGE_PROXY_TOKENIZER`` (default: ``tokenizer.json`` next to the model), or pass the paths.
@@ -25,12 +33,15 @@ import hashlib
 import os
 import queue
 import threading
+import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
+
+from proxy.cpus import available_cores
 
 DEFAULT_MODEL_PATH: Final[Path] = (
     Path(__file__).resolve().parents[2] / "models" / "minilm-l6-int8.onnx"
@@ -43,8 +54,10 @@ DISABLED_OPTIMIZERS: Final = ("SkipLayerNormFusion",)
 MODEL_ENV: Final = "EDGE_PROXY_MODEL"
 TOKENIZER_ENV: Final = "EDGE_PROXY_TOKENIZER"
 _STOP: Final = object()
-#: Niceness of the embedding thread where SCHED_IDLE is not available (see lower_thread_priority).
-WORKER_NICE: Final = 10
+#: Niceness of the embedding threads with priority "nice" (see lower_thread_priority).
+WORKER_NICE: Final = 5
+#: Weight of the newest embedding in the moving average of the time per embedding.
+EWMA_ALPHA: Final = 0.2
 
 
 def default_model_path() -> Path:
@@ -66,6 +79,7 @@ class EmbedderStats:
     coalesced: int = 0  # awaited a text already in flight
     texts: int = 0  # texts embedded by the model
     batches: int = 0  # worker wake-ups
+    skipped: int = 0  # lookups skipped: the estimate was over the deadline
     batch_sizes: Counter[int] = field(default_factory=Counter)
 
 
@@ -80,35 +94,43 @@ class Embedder:
         tokenizer_path: str | Path | None = None,
         *,
         threads: int = 1,
+        workers: int | None = None,
         max_batch: int = 32,
         cache_size: int = 10_000,
         max_tokens: int = 128,
         expected_sha256: str | None = MODEL_SHA256,
         padded_batches: bool = False,
-        priority: str = "idle",
+        priority: str = "nice",
+        nice: int = WORKER_NICE,
     ) -> None:
         self.model_path = Path(model_path) if model_path is not None else default_model_path()
         if tokenizer_path is None:
             env = os.environ.get(TOKENIZER_ENV)
             tokenizer_path = env if env else self.model_path.with_name("tokenizer.json")
         self.tokenizer_path = Path(tokenizer_path)
-        self.threads = threads
+        self.threads = threads  # intra-op threads per session.run
+        #: worker threads (parallel session.run calls); None: the cores this process may use
+        self.workers = max(1, workers if workers else available_cores())
         self.max_batch = max_batch
         self.cache_size = cache_size
         self.max_tokens = max_tokens
         self.expected_sha256 = expected_sha256
         self.padded_batches = padded_batches
         self.wanted_priority = priority
+        self.nice = nice
         self.stats = EmbedderStats()
+        #: moving average of the wall time of one embedding in a worker (s); 0 until measured
+        self.service_s = 0.0
+        self._enqueued: dict[str, float] = {}  # text -> loop time it was queued (oldest first)
         self.ready = False
         self._session: Any = None
         self._tokenizer: Any = None
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._pending: dict[str, asyncio.Future[np.ndarray]] = {}
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        #: CPU policy the worker thread got ("idle", "nice+10", "normal"); set when it starts.
+        #: CPU policy the worker threads got ("idle", "nice+5", "normal"); set when they start.
         self.priority = ""
 
     # -- synchronous core -------------------------------------------------------------------
@@ -140,6 +162,10 @@ class Embedder:
         tok.no_padding()  # the shipped tokenizer.json pads every text to 128 tokens
         tok.enable_truncation(self.max_tokens)
         self._tokenizer = tok
+        # the first run of a session allocates its buffers and kernels (tens of ms): pay it here,
+        # not in the first request's deadline
+        ids = np.asarray([tok.encode("warm up").ids], np.int64)
+        self._run(ids, np.ones_like(ids))
         self.ready = True
 
     def embed_batch(self, texts: list[str]) -> np.ndarray:
@@ -172,12 +198,41 @@ class Embedder:
     # -- asyncio front ----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load the model off the loop and start the worker thread."""
+        """Load the model off the loop and start the worker threads."""
         self._loop = asyncio.get_running_loop()
         if not self.ready:
             await asyncio.to_thread(self.load)
-        self._thread = threading.Thread(target=self._worker, name="embedder", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._worker, name=f"embedder-{i}", daemon=True)
+                         for i in range(self.workers)]
+        for t in self._threads:
+            t.start()
+
+    def cached(self, text: str) -> np.ndarray | None:
+        """The text's vector if the LRU has it (no worker, no wait; counted as a call and a
+        cache hit), else None (not counted: ``embed`` follows)."""
+        vec = self._cache.get(text)
+        if vec is not None:
+            self._cache.move_to_end(text)
+            self.stats.calls += 1
+            self.stats.cache_hits += 1
+        return vec
+
+    def estimate_s(self, text: str | None = None) -> float:
+        """Seconds a text queued now would wait for its vector (0 for one in the LRU).
+
+        Texts ahead of it per worker (rounded up, itself included) times the moving average of
+        one embedding's wall time; at least the age of the oldest queued text plus one
+        embedding, so workers that do not get the CPU (a busy neighbour, a saturated core) show
+        as a growing wait even before any of them finishes.
+        """
+        if text is not None and (text in self._cache or text in self._pending):
+            return 0.0 if text in self._cache else self.service_s
+        ahead = len(self._pending)
+        est = (ahead // self.workers + 1) * self.service_s
+        if self._enqueued and self._loop is not None:
+            oldest = next(iter(self._enqueued.values()))
+            est = max(est, self._loop.time() - oldest + self.service_s)
+        return est
 
     async def embed(self, text: str, timeout: float | None = None) -> np.ndarray:
         """The text's (384,) vector (read-only); cache hits return without the worker.
@@ -193,10 +248,11 @@ class Embedder:
             return vec
         fut = self._pending.get(text)
         if fut is None:
-            if self._thread is None or self._loop is None:
+            if not self._threads or self._loop is None:
                 raise RuntimeError("Embedder.start() has not been awaited")
             fut = self._loop.create_future()
             self._pending[text] = fut
+            self._enqueued[text] = self._loop.time()
             fut.add_done_callback(functools.partial(self._done, text))
             self._queue.put((text, fut))
         else:
@@ -207,29 +263,33 @@ class Embedder:
 
     def _done(self, text: str, fut: asyncio.Future[np.ndarray]) -> None:
         self._pending.pop(text, None)
+        self._enqueued.pop(text, None)
         if not fut.cancelled() and fut.exception() is None:
             self._cache[text] = fut.result()
             if len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
 
     async def close(self) -> None:
-        """Stop the worker after the queued requests; pending futures still resolve."""
-        if self._thread is not None:
-            self._queue.put(_STOP)
-            await asyncio.to_thread(self._thread.join)
-            self._thread = None
+        """Stop the workers after the queued requests; pending futures still resolve."""
+        if self._threads:
+            for _ in self._threads:
+                self._queue.put(_STOP)
+            for t in self._threads:
+                await asyncio.to_thread(t.join)
+            self._threads = []
         self.ready = False
         self._session = None
 
     def _worker(self) -> None:
         loop = self._loop
         assert loop is not None
-        self.priority = lower_thread_priority(self.wanted_priority)
+        self.priority = lower_thread_priority(self.wanted_priority, self.nice)
         while True:
             item = self._queue.get()
             stop = item is _STOP
             items = [] if stop else [item]
-            while len(items) < self.max_batch:
+            # a worker takes at most one stop marker: each of the others needs its own
+            while not stop and len(items) < self.max_batch:
                 try:
                     nxt = self._queue.get_nowait()
                 except queue.Empty:
@@ -247,30 +307,44 @@ class Embedder:
         self.stats.batches += 1
         self.stats.batch_sizes[len(items)] += 1
         self.stats.texts += len(items)
+        if self.padded_batches:
+            self._run_items(loop, items)
+            return
+        # one text per run (see the module docstring), each resolved as soon as it is ready:
+        # a waiter does not wait for the rest of the drained batch
+        for item in items:
+            self._run_items(loop, [item])
+
+    def _run_items(self, loop: asyncio.AbstractEventLoop, items: list[tuple[str, Any]]) -> None:
         futs = [f for _, f in items]
         vecs: np.ndarray | None = None
         error: BaseException | None = None
+        t0 = time.perf_counter()
         try:
             vecs = self.embed_batch([text for text, _ in items])
             vecs.setflags(write=False)  # rows are shared through the cache
         except Exception as exc:  # every waiter must hear about it
             error = exc
+        per_text = (time.perf_counter() - t0) / len(items)
+        # a float store is atomic; the loop reads it for estimate_s()
+        self.service_s = per_text if self.service_s == 0.0 else (
+            (1 - EWMA_ALPHA) * self.service_s + EWMA_ALPHA * per_text)
         # RuntimeError: the loop is closed, nobody is waiting any more.
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(_resolve_all, futs, vecs, error)
 
 
-def lower_thread_priority(wanted: str = "idle") -> str:
+def lower_thread_priority(wanted: str = "nice", nice: int = WORKER_NICE) -> str:
     """Put the calling thread behind the event loop for the CPU; returns the policy it got.
 
-    Linux schedules threads individually. ``SCHED_IDLE`` (allowed without privileges) runs the
-    thread only when no normal thread wants the core, and a waking normal thread preempts it at
-    once: a cache hit never waits for an embedding's time slice, even with the whole process
-    pinned to one core. Nice +10 (the fallback) only shifts the CPU shares to about 10:1, and a
-    hit can still wait out part of the embedder's slice. The cost: when the loop saturates the
-    core, embeddings starve (``semantic.embed_timeout_s`` bounds the wait). Idle is relative to
-    the other threads of the same CPU cgroup: in a container (its own cgroup), other pods do not
-    starve it; on a bare host shared with busy processes, use "nice".
+    Linux schedules threads individually. "nice" (default, +5): the loop (nice 0) has 3x the
+    embedder's weight, so a waking loop gets the core ahead of a running embedding (EEVDF gives
+    the heavier thread the earlier deadline), yet the embedder keeps about a quarter of a core
+    against a busy neighbour process and misses keep moving. ``SCHED_IDLE`` ("idle") runs the
+    thread only when nothing else at all wants the core: a hit never waits, but on a host shared
+    with busy processes embeddings starve (measured: semantic hits waiting 0.5 s and more), so
+    it is an option for a sidecar alone in its CPU cgroup. Either way the semantic layer sheds
+    lookups whose estimated wait is over ``semantic.embed_deadline_s``.
     """
     if wanted == "normal":
         return "normal"
@@ -282,8 +356,8 @@ def lower_thread_priority(wanted: str = "idle") -> str:
         except (AttributeError, OSError):
             pass
     try:
-        os.setpriority(os.PRIO_PROCESS, tid, WORKER_NICE)
-        return f"nice+{WORKER_NICE}"
+        os.setpriority(os.PRIO_PROCESS, tid, nice)
+        return f"nice+{nice}"
     except (AttributeError, OSError):
         return "normal"
 
