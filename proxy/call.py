@@ -45,9 +45,10 @@ def cache_directives(cache_control: str | None) -> tuple[bool, bool]:
 class Call:
     """The state of one /v1 completion request, filled in by the stages of the request path."""
 
-    __slots__ = ("body", "endpoint", "flight_key", "include_usage", "keys", "lookup",
+    __slots__ = ("body", "endpoint", "flight_key", "include_usage", "indexed", "keys", "lookup",
                  "max_tokens", "model", "namespace", "outcome", "request", "request_id",
-                 "route_score", "routed", "similarity", "store", "stream", "t0", "tier", "vec")
+                 "route_score", "routed", "similarity", "store", "stored_tier", "stream", "t0",
+                 "tier", "vec")
 
     def __init__(self, request: web.Request, endpoint: str, t0: float) -> None:
         self.request = request
@@ -70,6 +71,8 @@ class Call:
         self.outcome = ""                   # x-cache: hit-exact, hit-semantic, miss, bypass
         self.route_score: str | None = None
         self.similarity: str | None = None
+        self.stored_tier: str | None = None  # its answer was stored, made by this tier
+        self.indexed = False                # its vector went into the semantic index
 
     def headers(self) -> dict[str, str]:
         """The proxy's response headers for this request, as far as it got."""

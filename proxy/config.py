@@ -159,6 +159,15 @@ class SemanticConfig:
     #: CPU time nothing else wants) or "normal".
     embed_priority: str = "nice"
     embed_nice: int = 5
+    #: A miss does not wait for its embedding: the upstream call starts at once, beside the
+    #: embedding and the semantic lookup, and is cancelled if a semantic hit turns up (what the
+    #: upstream spent is counted: edge_proxy_speculative_upstream_total,
+    #: edge_proxy_speculative_cancel_seconds). Routed requests with several tiers wait for the
+    #: vector (the router reads it). false: every miss waits for its embedding first.
+    speculative: bool = True
+    #: Wait this long for the embedding and lookup before starting the speculative upstream
+    #: call (hits found by then never reach the upstream; misses pay up to this much).
+    speculative_delay_s: float = 0.0
     #: Entries in the semantic index.
     capacity: int = 100_000
     ttl_s: float = 86_400.0
@@ -428,6 +437,8 @@ def _validate(cfg: Config) -> Config:
     gct = cfg.server.gc_thresholds
     if gct and (len(gct) > 3 or gct[0] < 1 or any(t < 0 for t in gct)):
         raise ConfigError("server.gc_thresholds: up to three integers, the first >= 1")
+    if cfg.semantic.speculative_delay_s < 0:
+        raise ConfigError("semantic.speculative_delay_s: must be >= 0")
     if cfg.semantic.embed_deadline_s < 0:
         raise ConfigError("semantic.embed_deadline_s: must be >= 0")
     if cfg.semantic.embed_threads < 0:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 from aiohttp import web
@@ -28,12 +28,18 @@ from proxy.shadow import Traffic
 from proxy.upstream import TierClient
 from proxy.validate import check_content_length, parse_json, validate
 
+if TYPE_CHECKING:
+    import numpy as np
+
 log = logging.getLogger(__name__)
 
 JSON: Final = "application/json"
 SSE_HEADERS: Final = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                       "X-Accel-Buffering": "no"}
 _DONE: Final = b"data: [DONE]\n\n"
+#: A miss's vector goes into the semantic index this long after its answer is stored: the
+#: waiting responses are written first.
+INDEX_DELAY_S: Final = 0.001
 
 
 def _prompt_text(endpoint: str, body: dict[str, Any]) -> str:
@@ -172,6 +178,8 @@ class Proxy:
                                        else call.tier)  # an auto hit counts where it was made
         call.outcome = "miss" if call.lookup else "bypass"
         flight = self._joinable(call)
+        if flight is None and self._speculate(call):
+            return await self._speculative_miss(call)
         if flight is None:
             hit = await self._prepare_miss(call)
             if hit is not None:
@@ -228,6 +236,91 @@ class Proxy:
         flight = self.flights.get(call.flight_key)
         return None if flight is None or flight.done else flight
 
+    def _speculate(self, call: Call) -> bool:
+        """Start the upstream call before the embedding is ready? Only when the semantic layer
+        looks for this request, its vector is not already known, and the router does not need
+        the vector to pick the tier."""
+        sem = self.semantic
+        if sem is None or not sem.cfg.speculative or not call.lookup or call.keys is None:
+            return False
+        if call.routed and self.router is not None and len(self.tiers) > 1:
+            return False
+        query = call.keys.query_text
+        return sem.eligible(query) and not sem.embedder.has(query)
+
+    async def _embed(self, call: Call, query: str) -> np.ndarray | None:
+        assert self.semantic is not None
+        try:
+            return await self.semantic.embed(query)
+        except Exception:  # the semantic layer is an optimisation: never fail for it
+            log.exception("embedding failed; serving without the semantic layer")
+            self.metrics.semantic_rejects.labels("embed_error").inc()
+            return None
+
+    async def _speculative_miss(self, call: Call) -> web.StreamResponse:
+        """An exact miss whose upstream call starts at once (after ``speculative_delay_s`` at
+        most), while the query is embedded and looked up; a semantic hit cancels the call."""
+        sem = self.semantic
+        assert sem is not None and call.keys is not None
+        query = call.keys.query_text
+        if call.routed:
+            self._route(call, query)  # one tier or no router: the vector changes nothing
+        delay = sem.cfg.speculative_delay_s
+        flight: Flight | None = None
+        t_flight = 0.0
+        if delay <= 0:
+            flight, t_flight = self._flight(call), time.perf_counter()
+            vec = await self._embed(call, query)
+        else:
+            task = asyncio.ensure_future(self._embed(call, query))
+            done, _ = await asyncio.wait({task}, timeout=delay)
+            if not done:
+                flight, t_flight = self._joinable(call) or self._flight(call), time.perf_counter()
+            vec = await task
+        call.vec = vec
+        hit = None
+        if vec is not None:
+            threshold = sem.threshold(call.namespace,
+                                      call.request.headers.get("x-cache-threshold"))
+            hit = await sem.lookup(vec, call.keys, call.tier, call.max_tokens, threshold)
+        if hit is not None:
+            if flight is not None:
+                self._abandon(flight, t_flight)
+            call.similarity = f"{hit.similarity:.4f}"
+            return self._serve_hit(call, hit.answer, "hit-semantic", call.tier)
+        if flight is None:
+            flight = self._joinable(call) or self._flight(call)
+        else:
+            self.metrics.speculative.labels("used").inc()
+            if call.stored_tier is not None and vec is not None:
+                self._index_later(call)  # the answer was stored before the vector was ready
+        return await self._answer(call, flight)
+
+    def _abandon(self, flight: Flight, t_flight: float) -> None:
+        """A semantic hit made this speculative flight unnecessary: cancel it unless an
+        identical request joined it (or it already finished)."""
+        if flight.done:
+            self.metrics.speculative.labels("finished").inc()
+        elif flight.subscribers > 0:
+            self.metrics.speculative.labels("joined").inc()
+        else:
+            flight.subscribe()
+            flight.unsubscribe()  # the last (only) subscriber leaving cancels the upstream call
+            self.metrics.speculative.labels("cancelled").inc()
+            self.metrics.speculative_cancel.observe(time.perf_counter() - t_flight)
+
+    def _index_later(self, call: Call) -> None:
+        """Index a stored answer's vector after the answer went out, not before (the insert,
+        ~0.1-0.5 ms, would delay the waiting responses)."""
+        asyncio.get_running_loop().call_later(INDEX_DELAY_S, self._index, call)
+
+    def _index(self, call: Call) -> None:
+        if (call.indexed or call.vec is None or call.stored_tier is None or call.keys is None
+                or self.semantic is None):
+            return
+        call.indexed = True
+        self.semantic.add(call.vec, call.keys, call.namespace, call.stored_tier)
+
     async def _prepare_miss(self, call: Call) -> CachedAnswer | None:
         """Not in flight: embed the query (it serves the semantic lookup, the router and the
         store), route, and look in the semantic cache."""
@@ -267,7 +360,7 @@ class Proxy:
         Without a flight key (no-store), the call is never shared and its answer never stored.
         """
         body, endpoint, namespace = call.body, call.endpoint, call.namespace
-        fkey, keys, vec = call.flight_key, call.keys, call.vec
+        fkey, keys = call.flight_key, call.keys
         payload = dict(body)
         if call.stream:  # always ask for usage: the ledger needs it; clients get it only if asked
             payload["stream_options"] = {**(body.get("stream_options") or {}),
@@ -277,8 +370,10 @@ class Proxy:
         def on_complete(answer: CachedAnswer, tier: TierClient) -> None:
             if fkey is not None and keys is not None:
                 self.cache.put(keys.exact, answer, namespace)
-                if vec is not None and self.semantic is not None:
-                    self.semantic.add(vec, keys, namespace, tier.name)
+                if self.semantic is not None:
+                    call.stored_tier = tier.name
+                    if call.vec is not None:  # else: indexed when the vector arrives
+                        self._index_later(call)
             self.traffic.maybe_mirror(tier.name, endpoint, payload, answer,
                                       time.perf_counter() - started)
 

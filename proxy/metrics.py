@@ -157,6 +157,15 @@ class Metrics:
                                   ["generation"], buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002,
                                                            0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
                                   registry=r)
+        self.speculative = Counter("edge_proxy_speculative_upstream",
+                                   "Upstream calls started beside the semantic lookup, by what "
+                                   "became of them: used (a miss), cancelled (a hit), joined "
+                                   "(a hit, kept for an identical request), finished (a hit "
+                                   "found after the answer)", ["result"], registry=r)
+        self.speculative_cancel = Histogram(
+            "edge_proxy_speculative_cancel_seconds",
+            "From a speculative upstream call's start to its cancel (the upstream's waste)",
+            buckets=LATENCY_BUCKETS, registry=r)
         self.semantic_skipped = Counter("edge_proxy_semantic_skipped",
                                         "Semantic lookups shed: embedding over its deadline "
                                         "(estimated) or its timeout (waited)", ["reason"],

@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # loaded CI box (see make_proxy); tests of the deadline set their own.
 os.environ.setdefault("EDGE_PROXY_SEMANTIC__EMBED_DEADLINE_S", "0")
 os.environ.setdefault("EDGE_PROXY_SEMANTIC__EMBED_TIMEOUT_S", "10")
+os.environ.setdefault("EDGE_PROXY_SEMANTIC__SPECULATIVE", "false")
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:
@@ -171,6 +172,9 @@ async def make_proxy(tiers: dict[str, Tier]) -> AsyncIterator[Any]:
         sem = sections.setdefault("semantic", {})
         sem.setdefault("embed_deadline_s", 0.0)
         sem.setdefault("embed_timeout_s", 10.0)
+        # many tests count the upstream calls a hit saves; speculative misses (an upstream call
+        # beside the lookup, cancelled on a hit) are tested in test_speculative.py
+        sem.setdefault("speculative", False)
         urls = {n: tiers[n].url for n in tier_names}
         urls.update(tier_urls or {})
         cfg = load_config(env={}, overrides=sections, tier_flags=[f"{n}={u}" for n, u in

@@ -217,6 +217,10 @@ class Embedder:
             self.stats.cache_hits += 1
         return vec
 
+    def has(self, text: str) -> bool:
+        """Is the text's vector in the LRU (no wait for it)?"""
+        return text in self._cache
+
     def estimate_s(self, text: str | None = None) -> float:
         """Seconds a text queued now would wait for its vector (0 for one in the LRU).
 
