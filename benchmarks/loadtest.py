@@ -1414,6 +1414,12 @@ def markdown(res: dict[str, Any]) -> str:
                   f"{mm['semantic_bytes_per_entry']:.0f}); projected growth for 100k entries "
                   f"{mm['projected_100k_mb']:.0f} MB (of which the embedder LRU filling to its "
                   f"cap, estimated: {mm['embed_lru_rest_mb_estimate']:.0f} MB).", ""]
+    if "gc" in res and res["gc"]:
+        last = list(res["gc"])[-1]
+        g = res["gc"][last]
+        lines += ["GC pauses on the proxy's loop (whole run, to the end of " + last + "): "
+                  + "; ".join(f"{k} {v['collections']} collections, {v['total_ms']:.0f} ms in "
+                              f"all, max {v['max_ms']:.2f} ms" for k, v in g.items()) + ".", ""]
     if "generator_check" in res:
         g = res["generator_check"]
         own = g["own"]["all"]
@@ -1440,22 +1446,34 @@ async def amain(args: argparse.Namespace) -> int:
             suite = Suite(args, stack, gen, prompts)
             suite.res["plan"] = vars(suite.plan)
             await suite.setup()
+            def gc_mark(phase: str) -> None:
+                # the main proxy's GC pauses so far (count, total, max per generation)
+                gc_stats = admin_stats(suite.base).get("gc")
+                if gc_stats is not None:
+                    suite.res.setdefault("gc", {})[phase] = gc_stats
+
+            gc_mark("setup")
             if "check" in phases:
                 await suite.check_generator()
             if "rounds" in phases:
                 await suite.rounds()
+                gc_mark("rounds")
             if "interference" in phases:
                 await suite.interference()
+                gc_mark("interference")
             if "sweep" in phases:
                 await suite.sweep()
+                gc_mark("sweep")
             if "workloads" in phases:
                 await suite.workloads()
+                gc_mark("workloads")
             if "ttft" in phases:
                 await suite.ttft()
             if "misses" in phases:
                 await suite.miss_overhead()
             if "capacity" in phases:
                 await suite.capacity()
+                gc_mark("capacity")
             if "memory" in phases:
                 await suite.memory()
             res = suite.res

@@ -222,20 +222,25 @@ class Embedder:
         return text in self._cache
 
     def estimate_s(self, text: str | None = None) -> float:
-        """Seconds a text queued now would wait for its vector (0 for one in the LRU).
+        """Seconds a text queued now would wait before a worker starts on it (0 for one in the
+        LRU or already in flight, and whenever a worker is free).
 
-        Texts ahead of it per worker (rounded up, itself included) times the moving average of
-        one embedding's wall time; at least the age of the oldest queued text plus one
-        embedding, so workers that do not get the CPU (a busy neighbour, a saturated core) show
-        as a growing wait even before any of them finishes.
+        The texts ahead of it beyond one per worker, per worker, times the moving average of
+        one embedding's wall time; at least the age of the oldest queued text when every worker
+        is taken, so workers that do not get the CPU (a busy neighbour, a saturated core) show
+        as a growing wait even before any of them finishes. The text's own embedding is not
+        counted: with an idle queue a lookup is always tried (and the moving average stays
+        current), ``semantic.embed_timeout_s`` bounds the rest.
         """
         if text is not None and (text in self._cache or text in self._pending):
-            return 0.0 if text in self._cache else self.service_s
+            return 0.0
         ahead = len(self._pending)
-        est = (ahead // self.workers + 1) * self.service_s
+        if ahead < self.workers:
+            return 0.0
+        est = ((ahead - self.workers) // self.workers + 1) * self.service_s
         if self._enqueued and self._loop is not None:
             oldest = next(iter(self._enqueued.values()))
-            est = max(est, self._loop.time() - oldest + self.service_s)
+            est = max(est, self._loop.time() - oldest)
         return est
 
     async def embed(self, text: str, timeout: float | None = None) -> np.ndarray:
