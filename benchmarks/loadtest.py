@@ -1414,7 +1414,7 @@ def markdown(res: dict[str, Any]) -> str:
                   f"{mm['semantic_bytes_per_entry']:.0f}); projected growth for 100k entries "
                   f"{mm['projected_100k_mb']:.0f} MB (of which the embedder LRU filling to its "
                   f"cap, estimated: {mm['embed_lru_rest_mb_estimate']:.0f} MB).", ""]
-    if "gc" in res and res["gc"]:
+    if res.get("gc"):
         last = list(res["gc"])[-1]
         g = res["gc"][last]
         lines += ["GC pauses on the proxy's loop (whole run, to the end of " + last + "): "
