@@ -101,8 +101,12 @@ class ServerConfig:
     access_log: bool = False
     #: Bearer token for /admin/*; empty disables the admin API.
     admin_token: str = ""
-    #: gc.set_threshold at start (gen0, gen1, gen2); empty = Python's (700, 10, 10).
-    gc_thresholds: tuple[int, ...] = ()
+    #: gc.set_threshold at start (gen0, gen1, gen2); empty = Python's (700, 10, 10). The
+    #: default runs a young collection every 50k net tracked allocations instead of 700: the
+    #: load suite measured 258 gen-0 + 23 gen-1 + 2 gen-2 pauses (1.6 s of stopped loop, up to
+    #: 123 ms) with Python's thresholds in a run where these had none; cyclic garbage waits
+    #: longer (bounded by the 50k objects).
+    gc_thresholds: tuple[int, ...] = (50_000, 20, 100)
 
 
 @dataclass(frozen=True, slots=True)
