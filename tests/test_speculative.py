@@ -91,8 +91,11 @@ async def test_identical_request_keeps_a_joined_speculative_call(make_proxy, tie
     outcomes = sorted([rb.headers["x-cache"], rc.headers["x-cache"]])
     assert rc.parse().choices[0].message.content
     text = await _metrics(p)
-    if outcomes == ["hit-semantic", "miss"]:  # C joined B's flight before B's hit
-        assert 'edge_proxy_speculative_upstream_total{result="joined"} 1.0' in text
+    if outcomes == ["hit-semantic", "miss"]:  # C joined B's flight before B's hit: kept for
+        # C (or, on a slow box, already finished when B's vector came)
+        assert ('edge_proxy_speculative_upstream_total{result="joined"} 1.0' in text
+                or 'edge_proxy_speculative_upstream_total{result="finished"} 1.0' in text)
+        assert 'result="cancelled"' not in text
     else:  # C arrived after B's lookup had cancelled it: C's own lookup hit too
         assert outcomes == ["hit-semantic", "hit-semantic"], outcomes
 
