@@ -7,6 +7,8 @@ Answers to streamed requests are assembled from the upstream's chunks by ``Strea
 
 from __future__ import annotations
 
+import os
+import re
 import time
 from typing import Any, Final
 
@@ -75,6 +77,25 @@ class CachedAnswer:
             return None
 
 
+_ID_RE: Final = re.compile(rb'"id":"((?:chatcmpl-|cmpl-)?)([^"\\]*)"')
+_CREATED_RE: Final = re.compile(rb'"created":(\d+)')
+
+
+def fresh_ids(data: bytes) -> bytes:
+    """A replay with its own ``id`` and ``created`` (now), as a new generation would have: two
+    responses never share an id, and a day-old entry does not say it was made a day ago.
+    The first id/created of the body (or of every SSE frame) is rewritten; the rest is kept."""
+    head = data[:512]
+    m = _ID_RE.search(head)
+    c = _CREATED_RE.search(head)
+    if m is not None:
+        data = data.replace(m.group(0), b'"id":"' + m.group(1) + os.urandom(8).hex().encode()
+                            + b'"')
+    if c is not None:
+        data = data.replace(c.group(0), b'"created":' + str(int(time.time())).encode())
+    return data
+
+
 def _frame(obj: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
@@ -82,6 +103,8 @@ def _frame(obj: dict[str, Any]) -> bytes:
 def _build_sse(endpoint: str, body: dict[str, Any], include_usage: bool) -> bytes:
     head = {"id": body.get("id", ""), "created": body.get("created", 0),
             "model": body.get("model", "")}
+    if body.get("system_fingerprint"):  # vLLM's, on every replayed chunk
+        head["system_fingerprint"] = body["system_fingerprint"]
     frames: list[bytes] = []
     if endpoint == CHAT:
         obj = "chat.completion.chunk"
@@ -158,6 +181,8 @@ class StreamAssembler:
                          "model": chunk.get("model", "")}
         if chunk.get("usage"):
             self.usage = chunk["usage"]
+        if chunk.get("system_fingerprint"):
+            self.head["system_fingerprint"] = chunk["system_fingerprint"]
         for ch in chunk.get("choices") or ():
             try:
                 i = ch.get("index", 0)

@@ -223,6 +223,7 @@ class Flight:
         asm = StreamAssembler(self.endpoint)
         event: bytes | None = first
         finished = False
+        held: bytes | None = None  # a finish chunk waiting for the usage chunk's fingerprint
         try:
             while event is not None:
                 if event == b"[DONE]":
@@ -243,11 +244,24 @@ class Flight:
                 frame = b"data: " + event + b"\n\n"
                 if isinstance(obj, dict) and not obj.get("choices") and obj.get("usage"):
                     self.usage_frame = frame  # forwarded only to those who asked for usage
+                    if held is not None and obj.get("system_fingerprint"):
+                        held = _with_fingerprint(held, obj["system_fingerprint"])
                 else:
-                    self.events.append(frame)
+                    if held is not None:
+                        self.events.append(held)
+                        held = None
+                    if _finishes(obj):
+                        # vLLM puts system_fingerprint on the finish chunk, or (asked for usage,
+                        # as the proxy always does) on the usage chunk, which a client that did
+                        # not ask never sees: hold the finish chunk until the next event
+                        held = frame
+                    else:
+                        self.events.append(frame)
                 self.started = True
                 self._notify()
                 event = await _next_event(opened.resp)
+            if held is not None:
+                self.events.append(held)
         except TimeoutError:
             opened.close(ok=False)
             self._fail(upstream_timeout(f"tier {self.tier.name}: stream stalled"))
@@ -273,6 +287,20 @@ class Flight:
             self.metrics.cache_skips.labels("not_cacheable").inc()
         self.done = True
         self._notify()
+
+
+def _finishes(obj: Any) -> bool:
+    """A chunk that finishes a choice and carries no system_fingerprint."""
+    return (isinstance(obj, dict) and "system_fingerprint" not in obj and
+            any(isinstance(c, dict) and c.get("finish_reason")
+                for c in obj.get("choices") or ()))
+
+
+def _with_fingerprint(frame: bytes, fingerprint: Any) -> bytes:
+    """A held finish chunk with the usage chunk's system_fingerprint added."""
+    obj = orjson.loads(frame[6:])
+    obj["system_fingerprint"] = fingerprint
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
 def _stream_error(tier: str, error: Any, started: bool) -> ProxyError:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 from aiohttp import web
 
-from proxy.answer import CachedAnswer
+from proxy.answer import CachedAnswer, fresh_ids
 from proxy.call import Call, cache_directives
 from proxy.config import Config
 from proxy.errors import ProxyError, model_not_found, payload_too_large, sse_error_event
@@ -68,6 +68,8 @@ class Proxy:
         self.traffic = Traffic(config, self.tiers, metrics)
         self.flights: dict[Any, Flight] = {}
         self.by_model: dict[str, str] = {}
+        self.key_model: dict[str, str] = {}
+        self.auto_identity = ""
         self.auto_models = {"auto", *config.router.aliases}
 
     async def start(self) -> None:
@@ -109,8 +111,13 @@ class Proxy:
 
     # -- resolution ------------------------------------------------------------------------
     def _index_models(self) -> None:
-        """Served model name -> tier (re-run when a tier learns or changes its model)."""
+        """Served model name -> tier, and each tier's model identity for the cache key (re-run
+        when a tier learns or changes its model): the served name plus what /v1/models says of
+        the checkpoint, so a new checkpoint under the same name misses instead of being served
+        the old one's answers. Routed requests (auto) depend on every tier's identity."""
         self.by_model = {t.model: name for name, t in self.tiers.items() if t.model}
+        self.key_model = {name: f"{t.model}\x1f{t.identity}" for name, t in self.tiers.items()}
+        self.auto_identity = "\x1e".join(t.identity for t in self.tiers.values())
 
     def resolve_tier(self, model: str) -> str:
         """The tier that serves ``model``; "auto" (and aliases) -> the default tier."""
@@ -217,7 +224,9 @@ class Proxy:
         call.namespace = namespace_of(headers.get("x-cache-namespace"),
                                       headers.get("Authorization"))
         if call.store or call.lookup:
-            call.keys = keys = request_keys(call.namespace, call.endpoint, model, body)
+            key_model = (f"{model}\x1f{self.auto_identity}" if call.routed
+                         else self.key_model.get(call.tier, model))
+            call.keys = keys = request_keys(call.namespace, call.endpoint, key_model, body)
             if call.store:
                 call.flight_key = (keys.exact, stream)
 
@@ -439,24 +448,27 @@ class Proxy:
                     await resp.write(flight.usage_frame)
                 await resp.write(_DONE)
             await resp.write_eof()
-        except (ConnectionResetError, asyncio.CancelledError):
-            # the client went away; unsubscribe (in the caller) cancels the upstream if alone
-            raise
+        except ConnectionResetError:
+            # the client went away (an ordinary event, not an error to log); unsubscribe (in
+            # the caller) cancels the upstream if alone
+            log.debug("client left mid-stream")
         return resp
 
     def _serve_hit(self, call: Call, answer: CachedAnswer, outcome: str, tier_name: str
                    ) -> web.Response:
         """Answer from the cache; ``tier_name`` is the tier the hit is counted (and saved) on."""
         call.outcome = outcome
+        call.tier = tier_name  # the tier that made the answer (an auto hit is not re-routed)
         tier = self.tiers.get(tier_name)
         if tier is not None:
             self.metrics.save(tier.cfg, call.namespace, answer.prompt_tokens,
                               answer.completion_tokens)
         if call.stream:
-            resp = web.Response(body=answer.sse(call.include_usage),
+            resp = web.Response(body=fresh_ids(answer.sse(call.include_usage)),
                                 headers={**SSE_HEADERS, **call.headers()})
         else:
-            resp = web.Response(body=answer.body, content_type=JSON, headers=call.headers())
+            resp = web.Response(body=fresh_ids(answer.body), content_type=JSON,
+                                headers=call.headers())
         self.metrics.observe_request(call.endpoint, outcome, tier_name,
                                      time.perf_counter() - call.t0)
         return resp

@@ -12,6 +12,7 @@ until reset with ``{}``):
   delay_ms:    sleep before the response headers
   cut_after:   streamed: close the connection after N content chunks (no [DONE])
   malformed:   streamed: send a non-JSON ``data:`` line after the first chunk
+  error_event: streamed: after the first chunk, an error event with this message, then [DONE]
   tpot_ms:     time per output token for the faulty requests
   content_type: serve JSON with this content-type instead
   no_usage:    send no usage (JSON without "usage", streams without the usage chunk)
@@ -59,6 +60,7 @@ class MockVLLM:
     def __init__(self, model: str = "mock-model", *, ttft_ms: float = 20.0, tpot_ms: float = 2.0,
                  reply_tokens: int = 24, chunk_tokens: int = 1, api_key: str = "") -> None:
         self.model = model
+        self.root = model  # the checkpoint /v1/models reports (tests swap it)
         self.api_key = api_key
         self.unauthorized = 0
         self.ttft_ms = ttft_ms
@@ -97,7 +99,7 @@ class MockVLLM:
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{
             "id": self.model, "object": "model", "created": 0, "owned_by": "vllm",
-            "root": self.model, "parent": None, "max_model_len": 8192}]})
+            "root": self.root, "parent": None, "max_model_len": 8192}]})
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(status=int(self.faults.get("health", 200)))
@@ -217,6 +219,17 @@ class MockVLLM:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
         await resp.prepare(request)
+        try:
+            return await self._stream_body(request, resp, endpoint, body, words, finish, usage,
+                                           rid, created, tpot, fault)
+        except ConnectionResetError:  # the client left: counted, not logged as an error
+            self.cancelled += 1
+            return resp
+
+    async def _stream_body(self, request: web.Request, resp: web.StreamResponse, endpoint: str,
+                           body: dict[str, Any], words: list[str], finish: str,
+                           usage: dict[str, int], rid: str, created: int, tpot: float,
+                           fault: dict[str, Any]) -> web.StreamResponse:
         head = {"id": rid, "created": created, "model": self.model}
         obj = "chat.completion.chunk" if endpoint == "chat" else "text_completion"
 
@@ -239,6 +252,12 @@ class MockVLLM:
                 return resp
             if n == 1 and fault.get("malformed"):
                 await resp.write(b"data: {not json\n\n")
+            if n == 1 and fault.get("error_event"):  # vLLM's shape of an error mid-stream
+                await resp.write(b"data: " + orjson.dumps({"error": {
+                    "message": str(fault["error_event"]), "type": "InternalServerError",
+                    "param": None, "code": 500}}) + b"\n\n")
+                await resp.write(b"data: [DONE]\n\n")
+                return resp
             if tpot:
                 await asyncio.sleep(tpot * step)
             piece = (" " if i else "") + " ".join(words[i:i + step])

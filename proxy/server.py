@@ -16,7 +16,7 @@ import orjson
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from proxy import gcwatch
+from proxy import gcwatch, passthrough
 from proxy.admin import Admin
 from proxy.config import Config
 from proxy.errors import ProxyError
@@ -62,6 +62,7 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
     app.router.add_get("/readyz", proxy.readyz)
     app.router.add_get("/metrics", proxy.metrics_endpoint)
     Admin(proxy).routes(app)
+    passthrough.routes(app, proxy)
     _fallback_route(app)
 
     async def startup(app: web.Application) -> None:

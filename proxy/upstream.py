@@ -172,6 +172,13 @@ class TierClient:
             log.warning("%s; retrying in the background", exc)
         self._watch_task = asyncio.create_task(self._watch())
 
+    def auth_headers(self, client_auth: str | None) -> dict[str, str]:
+        """The Authorization for an upstream request: the client's (forward_auth) or the
+        tier's api_key, or none."""
+        if client_auth and self.cfg.forward_auth:
+            return {"Authorization": client_auth}
+        return self._auth
+
     @property
     def ready(self) -> bool:
         """The served model is known."""
@@ -354,7 +361,7 @@ class TierClient:
                 "not_ready")
         headers = self._headers
         if auth and self.cfg.forward_auth:
-            headers = {"Content-Type": "application/json", "Authorization": auth}
+            headers = {"Content-Type": "application/json", **self.auth_headers(auth)}
         await self._admit()
         data = orjson.dumps({**payload, "model": self.model})
         tried: list[Endpoint] = []

@@ -598,3 +598,31 @@ async def test_dashboard_metrics_are_exported_by_the_proxy(make_proxy: Any) -> N
     exported = {family(n) for n in names
                 if n.startswith("edge_proxy_") and not n.endswith("_created")}
     assert exported - used == set(), f"exported but on no dashboard panel: {exported - used}"
+
+
+# ---------------------------------------------------------------------------------------------
+# docker-compose (vLLM + Redis + the proxy)
+
+
+def test_compose_environment_is_a_valid_config() -> None:
+    """deploy/docker-compose.yml: the proxy's environment loads (with the compose defaults
+    substituted), points its tier at the vllm service with that vLLM's served name and api key,
+    and Redis at the redis service; the proxy does not wait for vLLM to start."""
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    services = compose["services"]
+    proxy, vllm = services["edge-proxy"], services["vllm"]
+
+    def subst(v: str) -> str:
+        return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", v)
+
+    env = {k: subst(str(v)) for k, v in proxy["environment"].items()}
+    cfg = load_config(env=env)
+    tier = cfg.tier("small")
+    args = [subst(a) for a in vllm["command"]]
+    assert tier.urls == ("http://vllm:8000",)
+    assert tier.model == args[args.index("--served-model-name") + 1]
+    assert tier.api_key == args[args.index("--api-key") + 1]
+    assert cfg.cache.redis_url == "redis://redis:6379/0" and "redis" in services
+    assert "vllm" not in proxy.get("depends_on", [])
+    assert proxy["ports"] == [f"{cfg.server.port}:{cfg.server.port}"]
+    assert cfg.server.host == "0.0.0.0"

@@ -198,3 +198,98 @@ def test_port_taken_is_one_line() -> None:
     assert [ln.lower() for ln in lines] == [
         f"edge-proxy: cannot listen on 127.0.0.1:{port}: address already in use"]
     assert "Traceback" not in out.decode()
+
+
+async def test_auto_hit_names_the_tier_that_answered(tiers: Any) -> None:
+    """An exact hit of model auto says which tier made the answer, not the default tier; the
+    replay has its own id and created."""
+    p = await start_proxy(_cfg([f"small={tiers['small'].url}", f"large={tiers['large'].url}"],
+                               small={"health_interval_s": 0.05}))
+    try:
+        await set_faults(tiers["small"], health=503)
+        await _until(lambda: _down(p.url, "small"))
+        client = p.client()
+        first = await client.chat.completions.with_raw_response.create(model="auto",
+                                                                       messages=MSG)
+        assert first.headers["x-route-tier"] == "large"
+        await set_faults(tiers["small"])
+        await _until(lambda: _ready_all(p.url))
+        hit = await client.chat.completions.with_raw_response.create(model="auto", messages=MSG)
+        assert hit.headers["x-cache"] == "hit-exact"
+        assert hit.headers["x-route-tier"] == "large"
+        assert hit.parse().id != first.parse().id
+        assert hit.parse().choices[0].message.content == first.parse().choices[0].message.content
+    finally:
+        await set_faults(tiers["small"])
+        await p.runner.cleanup()
+
+
+async def test_client_disconnect_mid_stream_logs_no_error(caplog: Any) -> None:
+    """A client leaving mid-stream is normal: no ERROR record, no traceback."""
+    caplog.set_level(logging.INFO)
+    mock, runner, port = await start_mock("slow-8b", ttft_ms=1, tpot_ms=30, reply_tokens=60)
+    p = await start_proxy(_cfg([f"small=http://127.0.0.1:{port}"]))
+    try:
+        for _ in range(3):
+            async with aiohttp.ClientSession() as s:
+                resp = await s.post(p.url + "/v1/chat/completions", json={
+                    "model": "auto", "stream": True,
+                    "messages": [{"role": "user", "content": f"leave early {_}"}]})
+                await resp.content.readline()
+                resp.close()
+        await _until(lambda: _no_inflight(mock))
+        await asyncio.sleep(0.2)
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+        assert "Traceback" not in caplog.text
+    finally:
+        await p.runner.cleanup()
+        await runner.cleanup()
+
+
+async def _no_inflight(mock: Any) -> bool:
+    return bool(mock.in_flight == 0)
+
+
+async def test_swapped_checkpoint_misses(tiers: Any) -> None:
+    """A new checkpoint served under the same name (another /v1/models root) is part of the
+    key: the next identical request misses instead of replaying the old model's answer."""
+    small = tiers["small"]
+    p = await start_proxy(_cfg([f"small={small.url}"], small={"model_check_interval_s": 0.05,
+                                                             "health_interval_s": 0.05}))
+    try:
+        client = p.client()
+        await client.chat.completions.create(model="small-8b", messages=MSG)
+        hit = await client.chat.completions.with_raw_response.create(model="small-8b",
+                                                                     messages=MSG)
+        assert hit.headers["x-cache"] == "hit-exact"
+        small.mock.root = "/models/small-8b-v2"
+        await _until(lambda: _identity_has(p, "small-8b-v2"))
+        after = await client.chat.completions.with_raw_response.create(model="small-8b",
+                                                                       messages=MSG)
+        assert after.headers["x-cache"] == "miss"
+    finally:
+        small.mock.root = small.mock.model
+        await p.runner.cleanup()
+
+
+async def _identity_has(p: Any, text: str) -> bool:
+    return text in p.proxy.tiers["small"].identity
+
+
+async def test_error_event_mid_stream_is_forwarded_without_repr(tiers: Any) -> None:
+    """vLLM's error event after content: the client's stream ends with an error event carrying
+    vLLM's message as text (no Python dict repr), and the SDK raises."""
+    from tests.vllm.compare import no_repr
+
+    p = await start_proxy(_cfg([f"small={tiers['small'].url}"]))
+    try:
+        await set_faults(tiers["small"], error_event="engine exploded: {oops}", count=1)
+        stream = await p.client().chat.completions.create(
+            model="auto", stream=True, messages=[{"role": "user", "content": "mid-stream"}])
+        with pytest.raises(openai.APIError) as exc:
+            async for _ in stream:
+                pass
+        assert "engine exploded: {oops}" in exc.value.message and no_repr(exc.value.message)
+    finally:
+        await set_faults(tiers["small"])
+        await p.runner.cleanup()
