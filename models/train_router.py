@@ -1,8 +1,8 @@
-"""Train the router's scoring model on the RouteLLM dev sets and write models/router.json.
+"""Train the router's scoring model on the RouteLLM dev sets and write proxy/data/router.json.
 
 Usage (from the repo root, virtualenv active)::
 
-    python models/train_router.py                 # train on all dev rows, write models/router.json
+    python models/train_router.py                 # all dev rows -> proxy/data/router.json
     python models/train_router.py --embed-only    # just fill the embedding cache
 
 Target: the large tier's gain on a prompt, strong_correct - weak_correct (GPT-4-1106 vs
@@ -36,7 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
-DEFAULT_OUT = ROOT / "models" / "router.json"
+DEFAULT_OUT = ROOT / "proxy" / "data" / "router.json"  # package data
 MAX_TOKENS = 256
 
 if str(ROOT) not in sys.path:

@@ -1,4 +1,4 @@
-"""Command line: ``edge-proxy serve | demo | mock-vllm`` (also ``python -m proxy``).
+"""Command line: ``edge-proxy serve | demo | mock-vllm | models`` (also ``python -m proxy``).
 
 File, environment and flags become one Config; ``serve`` then runs ``Server(config)``.
 """
@@ -39,6 +39,24 @@ def _config_from(args: argparse.Namespace) -> Config:
     )
 
 
+def _models(action: str, out: str | None) -> int:
+    """``models``: print the model path and its state; ``models build``: build and pin-check."""
+    from pathlib import Path
+
+    from proxy.semantic import model
+
+    if action == "build":
+        target = Path(out) if out else model.cache_dir() / model.MODEL_FILE
+        if not model.can_build():
+            print(f"edge-proxy: the build needs its inputs: {model.BUILD_HINT}", file=sys.stderr)
+            return 1
+        print(model.build(target))
+        return 0
+    path = model.model_path()
+    print(f"{path} ({'present' if path.exists() else 'missing: edge-proxy models build'})")
+    return 0 if path.exists() else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``edge-proxy`` console script."""
     parser = argparse.ArgumentParser(prog="edge-proxy", description="OpenAI-compatible caching "
@@ -52,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--concurrency", type=int, default=16)
     p_demo.add_argument("--redis", metavar="URL", help="also use a shared Redis L2")
     p_mock = sub.add_parser("mock-vllm", help="a stand-in vLLM OpenAI server")
+    p_models = sub.add_parser("models", help="where the embedding model is; `models build` "
+                              "builds it (needs the model extra)")
+    p_models.add_argument("action", nargs="?", choices=["path", "build"], default="path")
+    p_models.add_argument("--out", help="the .onnx to build (default: the cache directory)")
     from proxy import mock_vllm
 
     mock_vllm.add_arguments(p_mock)
@@ -60,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "mock-vllm":
         mock_vllm.run(args)
         return 0
+    if args.command == "models":
+        return _models(args.action, args.out)
     if args.command == "demo":
         from proxy.demo import run_demo
 

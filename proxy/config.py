@@ -201,7 +201,7 @@ class RouterConfig:
     enabled: bool = True
     #: Score cut points between tiers (smallest first), len = tiers - 1; empty = the weights'.
     cuts: tuple[float, ...] = ()
-    #: Router weights (JSON); empty = models/router.json.
+    #: Router weights (JSON); empty = the package's (proxy/data/router.json).
     weights_path: str = ""
     #: A/B split of routed traffic: "FROM:TO=FRACTION" sends that fraction of the requests routed
     #: to FROM to TO instead (e.g. "large:medium=0.1").

@@ -29,7 +29,9 @@ from typing import Final
 
 import numpy as np
 
-DEFAULT_WEIGHTS: Final = Path(__file__).resolve().parents[1] / "models" / "router.json"
+from proxy import data_path
+
+DEFAULT_WEIGHTS: Final = data_path("router.json")  # package data (models/train_router.py)
 EMBEDDING_DIM: Final = 384
 
 # Features are read from a lower-cased prefix of the prompt so a pasted document costs at most

@@ -1,6 +1,6 @@
 """Token counts when an upstream reports no usage (a vLLM without usage, a broken stream).
 
-The count comes from the embedder's WordPiece tokenizer (models/tokenizer.json): not the served
+The count comes from the embedder's WordPiece tokenizer (proxy/data/tokenizer.json): not the served
 model's own tokenizer, but within ~15 % of typical BPE counts for English, which is what a cost
 estimate needs. Without the tokenizer file, 4 characters per token.
 """
@@ -19,9 +19,9 @@ def _tokenizer() -> Any:
     try:
         from tokenizers import Tokenizer
 
-        from proxy.semantic.embedder import default_model_path
+        from proxy import data_path
 
-        tok = Tokenizer.from_file(str(default_model_path().with_name("tokenizer.json")))
+        tok = Tokenizer.from_file(str(data_path("tokenizer.json")))
         tok.no_truncation()
         tok.no_padding()
         return tok

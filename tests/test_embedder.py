@@ -89,7 +89,9 @@ def test_env_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("EDGE_PROXY_MODEL", str(tmp_path / "m.onnx"))
     e = Embedder()
     assert e.model_path == tmp_path / "m.onnx"
-    assert e.tokenizer_path == tmp_path / "tokenizer.json"
+    assert e.tokenizer_path.name == "tokenizer.json"  # the package's: none beside the model
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert Embedder().tokenizer_path == tmp_path / "tokenizer.json"
 
 
 async def test_concurrent_embeds_get_their_own_vectors(sync_embedder: Embedder) -> None:

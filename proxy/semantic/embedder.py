@@ -1,6 +1,6 @@
 """Sentence embeddings for the semantic cache: int8 all-MiniLM-L6-v2 in a worker thread.
 
-The model (models/minilm-l6-int8.onnx, built by models/build_model.py) outputs the final
+The model (minilm-l6-int8.onnx, built by proxy/semantic/build_model.py) outputs the final
 mean-pooled, L2-normalised 384-d vector. ``workers`` threads (default: the cores the process may
 use, cgroup CPU quota included) share one onnxruntime session (one intra-op thread per run); the
 event loop only puts requests in a queue and awaits futures. A worker drains what is queued (up
@@ -20,8 +20,9 @@ workers are not getting the CPU). The semantic layer skips its lookup when that 
 ``semantic.embed_deadline_s`` rather than queue (counted in
 ``edge_proxy_semantic_skipped_total{reason="deadline"}``).
 
-Finding the model when installed (not from the repo): ``EDGE_PROXY_MODEL`` (path of the .onnx)
-and ``EDGE_PROXY_TOKENIZER`` (default: ``tokenizer.json`` next to the model), or pass the paths.
+Finding the model: proxy.semantic.model (``EDGE_PROXY_MODEL``, a checkout's models/, the cache
+directory, built there on first use). The tokenizer: ``EDGE_PROXY_TOKENIZER``, else
+``tokenizer.json`` next to the model if there is one, else the package's (proxy/data/).
 """
 
 from __future__ import annotations
@@ -41,17 +42,21 @@ from typing import Any, Final
 
 import numpy as np
 
+from proxy import data_path
 from proxy.cpus import available_cores
-
-DEFAULT_MODEL_PATH: Final[Path] = (
-    Path(__file__).resolve().parents[2] / "models" / "minilm-l6-int8.onnx"
+from proxy.semantic.model import (
+    CHECKOUT_MODELS,
+    MODEL_FILE,
+    MODEL_SHA256,
+    ensure_model,
+    model_path,
 )
-# sha256 of the int8 model models/build_model.py produces (pinned in models/MODEL.sha256 too).
-MODEL_SHA256: Final = "9664814bc7e8d2db26439bacaa6e68d325ea1ba14d5c491ffb5e2da126a6dca9"
+
+#: The model file of a source checkout (see proxy.semantic.model for an installed package).
+DEFAULT_MODEL_PATH: Final[Path] = CHECKOUT_MODELS / MODEL_FILE
 #: The model keeps Add + LayerNormalization unfused (faster here than onnxruntime's
 #: SkipLayerNormalization kernel, see models/build_model.py): stop the session re-fusing them.
 DISABLED_OPTIMIZERS: Final = ("SkipLayerNormFusion",)
-MODEL_ENV: Final = "EDGE_PROXY_MODEL"
 TOKENIZER_ENV: Final = "EDGE_PROXY_TOKENIZER"
 _STOP: Final = object()
 #: Niceness of the embedding threads with priority "nice" (see lower_thread_priority).
@@ -61,9 +66,9 @@ EWMA_ALPHA: Final = 0.2
 
 
 def default_model_path() -> Path:
-    """$EDGE_PROXY_MODEL if set, else the repository's models/minilm-l6-int8.onnx."""
-    env = os.environ.get(MODEL_ENV)
-    return Path(env) if env else DEFAULT_MODEL_PATH
+    """$EDGE_PROXY_MODEL, a checkout's models/ file, or the cache directory's (see
+    proxy.semantic.model)."""
+    return model_path()
 
 
 class ModelChecksumError(RuntimeError):
@@ -106,7 +111,8 @@ class Embedder:
         self.model_path = Path(model_path) if model_path is not None else default_model_path()
         if tokenizer_path is None:
             env = os.environ.get(TOKENIZER_ENV)
-            tokenizer_path = env if env else self.model_path.with_name("tokenizer.json")
+            beside = self.model_path.with_name("tokenizer.json")
+            tokenizer_path = env or (beside if beside.exists() else data_path("tokenizer.json"))
         self.tokenizer_path = Path(tokenizer_path)
         self.threads = threads  # intra-op threads per session.run
         #: worker threads (parallel session.run calls); None: the cores this process may use
@@ -140,12 +146,13 @@ class Embedder:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
+        self.model_path = ensure_model(self.model_path)
         if self.expected_sha256 is not None:
             got = _sha256(self.model_path)
             if got != self.expected_sha256:
                 raise ModelChecksumError(
                     f"{self.model_path}: sha256 {got}, expected {self.expected_sha256}; "
-                    "rebuild it with `python models/build_model.py`"
+                    "rebuild it with `edge-proxy models build`"
                 )
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.threads
