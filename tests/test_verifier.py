@@ -11,15 +11,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from proxy.semantic.verifier import (
-    FEATURES,
-    Verdict,
-    Verifier,
-    extract,
-    guard_flags,
-    load_pairs,
-    load_words,
-)
+from proxy.semantic.features import load_pairs, load_words
+from proxy.semantic.verifier import FEATURES, Verdict, Verifier, extract, guard_flags
 
 SIM = 0.90  # a similarity above the threshold: the guards alone decide
 THR = 0.80

@@ -7,8 +7,10 @@ Modules, bottom up (none imports one further down the list):
   interface; a block promotes itself to ANN past ``brute_force_max``, an ANN scope demotes;
 * ``snapshot``: the snapshot file format, its writer and readers;
 * ``index``: ``SemanticIndex``, the API (add, search, remove, expire, snapshots) over the three;
-* ``embedder``: sentence vectors in a worker thread; ``verifier``: is a near pair the same
-  question; ``cache``: the layer the request path calls (embed, search, verify, fetch).
+* ``model``: where the embedding model is (or is built); ``embedder``: sentence vectors in
+  worker threads; ``features``: what must match between two texts; ``verifier``: guards and
+  the learned model over those; ``cache``: the layer the request path calls (embed, search,
+  verify, fetch).
 
 Design notes and measurements: ARCHITECTURE.md and benchmarks/README.md.
 """
