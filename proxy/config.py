@@ -296,40 +296,50 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
         return tuple(_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false",
-                                                         "no", "off"):
-            return value.lower() in ("1", "true", "yes", "on")
-        raise ConfigError(f"{path}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                pass
-        raise ConfigError(f"{path}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
-        if isinstance(value, int | float):
+    scalar = _SCALARS.get(tp)
+    if scalar is None:
+        raise ConfigError(f"{path}: unsupported type {tp!r}")  # pragma: no cover - schema bug
+    return scalar(value, path)
+
+
+def _to_bool(value: Any, path: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false",
+                                                     "no", "off"):
+        return value.lower() in ("1", "true", "yes", "on")
+    raise ConfigError(f"{path}: expected true or false, got {value!r}")
+
+
+def _to_int(value: Any, path: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.replace("_", ""))
+        except ValueError:
+            pass
+    raise ConfigError(f"{path}: expected an integer, got {value!r}")
+
+
+def _to_float(value: Any, path: str) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
             return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{path}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{path}: expected a string, got {value!r}")
-    raise ConfigError(f"{path}: unsupported type {tp!r}")  # pragma: no cover - schema bug
+        except ValueError:
+            pass
+    raise ConfigError(f"{path}: expected a number, got {value!r}")
+
+
+def _to_str(value: Any, path: str) -> str:
+    if isinstance(value, str):
+        return value
+    raise ConfigError(f"{path}: expected a string, got {value!r}")
+
+
+_SCALARS: Final[dict[Any, Any]] = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
 
 
 def _build(cls: type, data: Mapping[str, Any], path: str) -> Any:
