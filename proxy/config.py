@@ -416,6 +416,19 @@ def parse_tier_flag(spec: str) -> tuple[str, dict[str, Any]]:
 
 def _validate(cfg: Config) -> Config:
     names = [t.name for t in cfg.tiers]
+    _check_tiers(cfg, names)
+    _check_server(cfg.server)
+    _check_cache(cfg.cache)
+    _check_semantic(cfg.semantic)
+    cuts = cfg.router.cuts
+    if cuts and (len(cuts) != len(names) - 1 or list(cuts) != sorted(cuts)):
+        raise ConfigError(f"router.cuts: need {max(len(names) - 1, 0)} increasing numbers, one "
+                          f"per boundary between tiers, got {list(cuts)}")
+    return cfg
+
+
+def _check_tiers(cfg: Config, names: list[str]) -> None:
+    """Tier names unique; fallbacks, flows and the default tier name known tiers."""
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise ConfigError(f"tiers.{sorted(dup)[0]}: defined twice")
@@ -427,48 +440,50 @@ def _validate(cfg: Config) -> Config:
     parse_flows(cfg.router.shadow, "router.shadow", names)
     if cfg.router.default_tier and cfg.router.default_tier not in names:
         raise ConfigError(f"router.default_tier: unknown tier {cfg.router.default_tier!r}")
-    s = cfg.server
+
+
+def _check_server(s: ServerConfig) -> None:
     if not 0 <= s.port <= 65535:
         raise ConfigError(f"server.port: must be 0..65535, got {s.port}")
     if s.loop not in ("uvloop", "asyncio"):
         raise ConfigError(f"server.loop: expected 'uvloop' or 'asyncio', got {s.loop!r}")
     if s.max_body_bytes < 1024:
         raise ConfigError("server.max_body_bytes: must be >= 1024")
-    c = cfg.cache
+    gct = s.gc_thresholds
+    if gct and (len(gct) > 3 or gct[0] < 1 or any(t < 0 for t in gct)):
+        raise ConfigError("server.gc_thresholds: up to three integers, the first >= 1")
+
+
+def _check_cache(c: CacheConfig) -> None:
     if c.l1_max_bytes < 0 or c.l1_max_entries < 0:
         raise ConfigError("cache.l1_max_bytes / cache.l1_max_entries: must be >= 0")
     if c.redis_url and urlsplit(c.redis_url).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(f"cache.redis_url: expected redis://, rediss:// or unix://, got "
                           f"{c.redis_url!r}")
-    if not 0.0 < cfg.semantic.threshold <= 1.0:
+
+
+def _check_semantic(sem: SemanticConfig) -> None:
+    if not 0.0 < sem.threshold <= 1.0:
         raise ConfigError("semantic.threshold: must be in (0, 1]")
-    namespace_thresholds(cfg.semantic)
-    if cfg.semantic.embed_priority not in ("idle", "nice", "normal"):
+    namespace_thresholds(sem)
+    if sem.embed_priority not in ("idle", "nice", "normal"):
         raise ConfigError(f"semantic.embed_priority: expected idle, nice or normal, got "
-                          f"{cfg.semantic.embed_priority!r}")
-    if cfg.semantic.embed_timeout_s <= 0:
+                          f"{sem.embed_priority!r}")
+    if sem.embed_timeout_s <= 0:
         raise ConfigError("semantic.embed_timeout_s: must be > 0")
-    gct = cfg.server.gc_thresholds
-    if gct and (len(gct) > 3 or gct[0] < 1 or any(t < 0 for t in gct)):
-        raise ConfigError("server.gc_thresholds: up to three integers, the first >= 1")
-    if cfg.semantic.speculative_delay_s < 0:
+    if sem.speculative_delay_s < 0:
         raise ConfigError("semantic.speculative_delay_s: must be >= 0")
-    if cfg.semantic.embed_deadline_s < 0:
+    if sem.embed_deadline_s < 0:
         raise ConfigError("semantic.embed_deadline_s: must be >= 0")
-    if cfg.semantic.embed_threads < 0:
+    if sem.embed_threads < 0:
         raise ConfigError("semantic.embed_threads: must be >= 0 (0: the cores available)")
-    if not 0 <= cfg.semantic.embed_nice <= 19:
+    if not 0 <= sem.embed_nice <= 19:
         raise ConfigError("semantic.embed_nice: must be in 0..19")
-    for i, pat in enumerate(cfg.semantic.bypass_patterns):
+    for i, pat in enumerate(sem.bypass_patterns):
         try:
             re.compile(pat)
         except re.error as exc:
             raise ConfigError(f"semantic.bypass_patterns[{i}]: {exc}") from None
-    cuts = cfg.router.cuts
-    if cuts and (len(cuts) != len(names) - 1 or list(cuts) != sorted(cuts)):
-        raise ConfigError(f"router.cuts: need {max(len(names) - 1, 0)} increasing numbers, one "
-                          f"per boundary between tiers, got {list(cuts)}")
-    return cfg
 
 
 def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
@@ -495,29 +510,11 @@ def load_config(
     that add or replace tiers' URLs.
     """
     env = os.environ if env is None else env
-    data: dict[str, Any] = {}
-    if path:
-        try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        except OSError as exc:
-            raise ConfigError(f"config file {path}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path}: {exc}") from None
+    data = _read_toml(path)
     tiers_data: dict[str, dict[str, Any]] = {
         name: dict(t) for name, t in (data.pop("tiers", {}) or {}).items()
     }
-    tier_env: dict[str, dict[str, Any]] = {}
-    for section, values in _env_overrides(env).items():
-        if section == "tiers":  # EDGE_PROXY_TIERS__<NAME>__<FIELD>, e.g. ..._SMALL__API_KEY
-            for key, value in values.items():
-                tname, sep, fname = key.partition("__")
-                if not sep or not tname or not fname:
-                    raise ConfigError(f"EDGE_PROXY_TIERS__{key.upper()}: expected "
-                                      "EDGE_PROXY_TIERS__<NAME>__<FIELD>")
-                tier_env.setdefault(tname, {})[fname] = value
-            continue
-        data.setdefault(section, {}).update(values)
+    tier_env = _apply_env(data, env)
     for section, given in (overrides or {}).items():
         data.setdefault(section, {}).update({k: v for k, v in given.items() if v is not None})
     flags = list(tier_flags or [])
@@ -529,7 +526,39 @@ def load_config(
         tiers_data[name].pop("url", None)
     for name, values in tier_env.items():
         tiers_data.setdefault(name, {}).update(values)
+    return _validate(_assemble(data, tiers_data))
 
+
+def _read_toml(path: str | Path | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """Merge EDGE_PROXY_<SECTION>__<FIELD> into ``data``; returns the per-tier fields
+    (EDGE_PROXY_TIERS__<NAME>__<FIELD>, e.g. ..._SMALL__API_KEY) by tier name."""
+    tier_env: dict[str, dict[str, Any]] = {}
+    for section, values in _env_overrides(env).items():
+        if section != "tiers":
+            data.setdefault(section, {}).update(values)
+            continue
+        for key, value in values.items():
+            tname, sep, fname = key.partition("__")
+            if not sep or not tname or not fname:
+                raise ConfigError(f"EDGE_PROXY_TIERS__{key.upper()}: expected "
+                                  "EDGE_PROXY_TIERS__<NAME>__<FIELD>")
+            tier_env.setdefault(tname, {})[fname] = value
+    return tier_env
+
+
+def _assemble(data: dict[str, Any], tiers_data: dict[str, dict[str, Any]]) -> Config:
     sections = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "tiers"}
     unknown = sorted(set(data) - set(sections))
     if unknown:
@@ -538,4 +567,4 @@ def load_config(
     hints = typing.get_type_hints(Config)
     kwargs: dict[str, Any] = {s: _build(hints[s], data.get(s, {}), s) for s in sections}
     kwargs["tiers"] = tuple(_tier(name, t) for name, t in tiers_data.items())
-    return _validate(Config(**kwargs))
+    return Config(**kwargs)
