@@ -2,7 +2,9 @@
 
 Every route needs ``Authorization: Bearer <server.admin_token>``, compared in constant time;
 without a configured token the admin API answers 404 (it does not exist). Namespaces are named as
-the proxy names them in metrics: ``ns:<x-cache-namespace>`` or ``key:<hash of the API key>``.
+the proxy names them: ``key:<hash of the API key>`` (or ``anon``), then ``/ns:<x-cache-namespace>``
+for a partition within it; ``ns:<x-cache-namespace>`` with ``cache.trust_namespace_header``.
+A purge names one namespace exactly (a tenant's partitions are namespaces of their own).
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ class Admin:
             raise ProxyError(404, "the admin API is disabled (set server.admin_token)",
                              code="not_found")
         auth = request.headers.get("Authorization", "")
-        given = auth[7:].encode() if auth.startswith("Bearer ") else b""
+        # surrogateescape: a non-UTF-8 byte in the header (decoded by aiohttp with
+        # surrogateescape) is compared as the byte it was, never a 500
+        given = auth[7:].encode("utf-8", "surrogateescape") if auth.startswith("Bearer ") else b""
         # constant time: the comparison must not tell how much of a guess was right
         if not hmac.compare_digest(given, self.token):
             raise ProxyError(401, "admin token missing or wrong", err_type="authentication_error",

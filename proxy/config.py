@@ -107,6 +107,8 @@ class ServerConfig:
     #: 123 ms) with Python's thresholds in a run where these had none; cyclic garbage waits
     #: longer (bounded by the 50k objects).
     gc_thresholds: tuple[int, ...] = (50_000, 20, 100)
+    #: Tenants with their own series in the per-namespace metrics; later ones count as "other".
+    metrics_max_namespaces: int = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +135,12 @@ class CacheConfig:
     redis_prefix: str = "ep:v1:"
     #: Largest answer stored, bytes.
     max_entry_bytes: int = 1024 * 1024
+    #: The tenant is the caller's credential (a hash of its Authorization header) and
+    #: x-cache-namespace only partitions within it. true: the header names the tenant; only for
+    #: deployments where a gateway in front sets the header and clients cannot.
+    trust_namespace_header: bool = False
+    #: Callers without a credential: "shared" (one anonymous namespace) or "refuse" (401).
+    anonymous: str = "shared"
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Final
 
+from proxy.errors import ProxyError
 from proxy.hashing import request_digests
 
 #: Body fields that do not change the answer (or are checked separately, like max_tokens).
@@ -79,14 +80,51 @@ def request_keys(namespace: str, endpoint: str, model: str, body: dict[str, Any]
     return RequestKeys(exact, scope, query)
 
 
-def namespace_of(header_ns: str | None, authorization: str | None) -> str:
-    """Cache namespace: the x-cache-namespace header, else a hash of the Authorization header.
+#: The namespace of callers without a credential (``cache.anonymous = "shared"``).
+ANONYMOUS: Final = "anon"
 
-    The API key is hashed (never kept in clear), so tenants with different keys never share
-    entries, and the namespace can be logged and used as a metric label.
+
+def credential_namespace(authorization: str | None) -> str | None:
+    """``key:<hash>`` of the caller's Authorization header; None without a credential.
+
+    The header is hashed (SHA-256, first 64 bits; the key itself is never kept), so tenants with
+    different keys never share entries and the namespace can be logged. An empty value or a
+    bare scheme ("Bearer ") is no credential.
     """
-    if header_ns:
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    if not token.strip() and scheme.lower() in ("bearer", "basic", ""):
+        return None
+    return "key:" + hashlib.sha256(
+        authorization.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def namespace_of(header_ns: str | None, authorization: str | None, *,
+                 trust_header: bool = False, anonymous: str = "shared") -> str:
+    """Cache namespace of a request: who the caller is, then an optional partition.
+
+    - By default the tenant is the caller's credential (``key:<hash>``), and x-cache-namespace
+      only partitions *within* it (``key:<hash>/ns:<header>``): a client cannot name its way
+      into another tenant's entries.
+    - ``trust_header`` (``cache.trust_namespace_header``: a gateway in front sets the header and
+      clients cannot) lets the header name the tenant (``ns:<header>``), as before.
+    - No credential: the one anonymous namespace (``anon``, partitioned the same way), or a
+      401 when ``anonymous`` (``cache.anonymous``) is "refuse".
+    """
+    if header_ns and trust_header:
         return "ns:" + header_ns
-    if authorization:
-        return "key:" + hashlib.sha256(authorization.encode("utf-8", "replace")).hexdigest()[:16]
-    return "anon"
+    base = credential_namespace(authorization)
+    if base is None:
+        if anonymous == "refuse":
+            raise ProxyError(401, "An API key is required (Authorization: Bearer ...).",
+                             err_type="authentication_error", code="missing_api_key",
+                             headers={"WWW-Authenticate": 'Bearer realm="edge-proxy"'})
+        base = ANONYMOUS
+    return base + "/ns:" + header_ns if header_ns else base
+
+
+def tenant_of(namespace: str) -> str:
+    """The tenant part of a namespace (its credential), without the x-cache-namespace
+    partition: what metrics label, so one key cannot mint unbounded label values alone."""
+    return namespace.partition("/")[0]

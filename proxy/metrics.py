@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 
 from proxy.config import TierConfig
+from proxy.keys import tenant_of
 
 LATENCY_BUCKETS: Final = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05,
                           0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -101,10 +102,21 @@ class HotPath(Collector):
         return out
 
 
-class Metrics:
-    """Every metric the proxy exports, registered on one registry."""
+#: Label value of every namespace past the cap.
+OTHER: Final = "other"
 
-    def __init__(self) -> None:
+
+class Metrics:
+    """Every metric the proxy exports, registered on one registry.
+
+    Namespace labels are bounded: the first ``max_namespaces`` tenants get their own series,
+    every later one is counted under "other" (a client minting API keys or partitions must not
+    grow /metrics without bound).
+    """
+
+    def __init__(self, max_namespaces: int = 100) -> None:
+        self.max_namespaces = max_namespaces
+        self._ns_labels: set[str] = set()
         r = self.registry = CollectorRegistry()
         # The per-request metrics live in plain dicts (HotPath), exported at scrape time.
         self.hot = HotPath()
@@ -177,6 +189,10 @@ class Metrics:
         self.shared_lag = Histogram("edge_proxy_shared_propagation_seconds",
                                     "From an entry's creation on one sidecar to its arrival here",
                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.shared_bad_records = Counter("edge_proxy_shared_bad_records",
+                                          "Shared stream records skipped, by reason (malformed, "
+                                          "unknown op or version, too large...)", ["reason"],
+                                          registry=r)
         self.shared_replay_seconds = Gauge("edge_proxy_shared_replay_seconds",
                                            "Start-up replay time of the shared stream",
                                            registry=r)
@@ -195,11 +211,23 @@ class Metrics:
         h[bisect_left(LATENCY_BUCKETS, seconds)] += 1
         h[-1] += seconds
 
+    def ns_label(self, namespace: str) -> str:
+        """The label value of a namespace: its tenant (the credential part), while fewer than
+        ``max_namespaces`` tenants have one, else "other"."""
+        tenant = tenant_of(namespace)
+        labels = self._ns_labels
+        if tenant in labels:
+            return tenant
+        if len(labels) >= self.max_namespaces or not tenant.isprintable():
+            return OTHER
+        labels.add(tenant)
+        return tenant
+
     def spend(self, tier: TierConfig, namespace: str, prompt_tokens: int,
               completion_tokens: int) -> float:
         """Account an upstream call; returns its cost."""
         usd = cost_usd(tier, prompt_tokens, completion_tokens)
-        self.cost_spent.labels(tier.name, namespace).inc(usd)
+        self.cost_spent.labels(tier.name, self.ns_label(namespace)).inc(usd)
         self.tokens.labels(tier.name, "prompt").inc(prompt_tokens)
         self.tokens.labels(tier.name, "completion").inc(completion_tokens)
         led = self.ledger
@@ -213,7 +241,7 @@ class Metrics:
              completion_tokens: int) -> float:
         """Account a cache hit: what the call would have cost on ``tier``."""
         usd = cost_usd(tier, prompt_tokens, completion_tokens)
-        key = (tier.name, namespace)
+        key = (tier.name, self.ns_label(namespace))
         saved = self.hot.saved
         saved[key] = saved.get(key, 0.0) + usd
         self.ledger.saved[tier.name] += usd

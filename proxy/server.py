@@ -50,7 +50,9 @@ def _fallback_route(app: web.Application) -> None:
 
 def build_app(config: Config, metrics: Metrics | None = None) -> web.Application:
     """The application; its startup connects Redis and discovers the tiers' models."""
-    proxy = Proxy(config, metrics or Metrics())
+    metrics = metrics or Metrics()
+    metrics.max_namespaces = config.server.metrics_max_namespaces
+    proxy = Proxy(config, metrics)
     # client_max_size a little above the limit so the handler, not aiohttp, answers with our 413
     app = web.Application(client_max_size=config.server.max_body_bytes + 1,
                           handler_args={"max_field_size": 16384})
@@ -95,12 +97,18 @@ class JsonAccessLogger(AbstractAccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         h = response.headers
-        self.logger.info(orjson.dumps({
-            "ts": round(_time.time(), 3), "method": request.method, "path": request.path,
-            "status": response.status, "ms": round(time * 1000, 3),
-            "bytes": response.body_length, "cache": h.get("x-cache"),
-            "tier": h.get("x-route-tier"), "request_id": h.get("x-request-id"),
-            "remote": request.remote}).decode())
+        rec = {"ts": round(_time.time(), 3), "method": request.method, "path": request.path,
+               "status": response.status, "ms": round(time * 1000, 3),
+               "bytes": response.body_length, "cache": h.get("x-cache"),
+               "tier": h.get("x-route-tier"), "request_id": h.get("x-request-id"),
+               "remote": request.remote}
+        try:
+            line = orjson.dumps(rec)
+        except TypeError:
+            # a path or header with a lone surrogate (a non-UTF-8 byte): escape it, never raise
+            line = orjson.dumps({k: v.encode("utf-8", "backslashreplace").decode()
+                                 if isinstance(v, str) else v for k, v in rec.items()})
+        self.logger.info(line.decode())
 
 
 class Server:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import time
 from typing import Any, Final
@@ -29,6 +30,7 @@ from redis.exceptions import RedisError
 
 from proxy.config import CacheConfig, SemanticConfig
 from proxy.exact import PipelineWriter, ns_tag, redis_client
+from proxy.hashing import DIGEST_SIZE
 from proxy.metrics import Metrics
 from proxy.semantic.index import SemanticEntry
 
@@ -37,9 +39,94 @@ log = logging.getLogger(__name__)
 BLOCK_MS: Final = 1000
 REPLAY_BATCH: Final = 5000
 
+#: Format version written in every record (field ``fv``). A record without one comes from a
+#: sidecar older than the field and has the same layout (version 1). A sidecar applies records of
+#: any version whose op it knows and whose fields pass the checks below, ignoring fields it does
+#: not know: version N and N+1 share one stream as long as N+1 only adds fields and ops. A change
+#: that breaks that must move to a new stream (a new ``cache.redis_prefix``).
+FORMAT_VERSION: Final = 1
+_FV: Final = str(FORMAT_VERSION).encode()
+#: Ops this version applies; records with other ops are skipped (counted as "unknown_op").
+OPS: Final = frozenset({b"add", b"purge_ns", b"purge_key"})
+#: Size limits of record fields, bytes: a record from Redis is untrusted input.
+MAX_NAMESPACE_BYTES: Final = 1024
+MAX_QUERY_BYTES: Final = 4096
+MAX_TIER_BYTES: Final = 128
+MAX_ORIGIN_BYTES: Final = 64
+KEY_BYTES: Final = DIGEST_SIZE
 
-def _f(d: dict[bytes, bytes], k: bytes) -> str:
-    return d[k].decode("utf-8", "surrogatepass")
+
+class BadRecord(ValueError):
+    """A stream record that fails validation; ``reason`` is the metric label."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+def _text(fields: dict[bytes, bytes], name: bytes, limit: int) -> str:
+    raw = fields.get(name)
+    if not isinstance(raw, bytes):
+        raise BadRecord("missing_field", f"field {name.decode()!r} missing")
+    if len(raw) > limit:
+        raise BadRecord("too_large", f"field {name.decode()!r} has {len(raw)} bytes (max {limit})")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRecord("bad_value", f"field {name.decode()!r} is not UTF-8") from None
+    return text
+
+
+def _digest(fields: dict[bytes, bytes], name: bytes) -> bytes:
+    raw = fields.get(name)
+    if not isinstance(raw, bytes):
+        raise BadRecord("missing_field", f"field {name.decode()!r} missing")
+    if len(raw) != KEY_BYTES:
+        raise BadRecord("bad_value", f"field {name.decode()!r} has {len(raw)} bytes, not "
+                        f"{KEY_BYTES}")
+    return raw
+
+
+def _number(fields: dict[bytes, bytes], name: bytes) -> float:
+    raw = fields.get(name)
+    if not isinstance(raw, bytes):
+        raise BadRecord("missing_field", f"field {name.decode()!r} missing")
+    try:
+        if len(raw) > 32:
+            raise ValueError
+        x = float(raw)
+    except ValueError:
+        raise BadRecord("bad_value", f"field {name.decode()!r} is not a number") from None
+    if not math.isfinite(x):
+        raise BadRecord("bad_value", f"field {name.decode()!r} is not finite")
+    return x
+
+
+def check_record(fields: Any) -> bytes:
+    """Validate the envelope of a record (a mapping, a version, a known op); returns the op.
+
+    Raises BadRecord. Op-specific fields are checked where they are decoded."""
+    if not isinstance(fields, dict):
+        raise BadRecord("malformed", "record is not a field map")
+    fv = fields.get(b"fv", b"1")
+    if not isinstance(fv, bytes) or not fv.isdigit() or len(fv) > 6 or int(fv) < 1:
+        raise BadRecord("bad_version", f"format version {fv!r:.40} is not a positive integer")
+    op = fields.get(b"op")
+    if op not in OPS:
+        raise BadRecord("unknown_op", f"op {op!r:.40} unknown to format version "
+                        f"{FORMAT_VERSION}")
+    origin = fields.get(b"o", b"")
+    if not isinstance(origin, bytes) or len(origin) > MAX_ORIGIN_BYTES:
+        raise BadRecord("bad_value", "field 'o' is not a short origin id")
+    return op  # type: ignore[no-any-return]
+
+
+def _clip_utf8(text: str, limit: int) -> bytes:
+    """``text`` as UTF-8, cut to at most ``limit`` bytes on a character boundary."""
+    raw = text.encode("utf-8", "replace")
+    if len(raw) <= limit:
+        return raw
+    return raw[:limit].decode("utf-8", "ignore").encode()
 
 
 class SharedIndex:
@@ -61,6 +148,7 @@ class SharedIndex:
         self.last_id = b"0-0"
         self.up = False
         self.applied = 0
+        self.bad_records = 0
         self._tail: asyncio.Task[None] | None = None
         self._writes: set[asyncio.Task[None]] = set()
         self.writer = PipelineWriter(self.client, self._write_failed)
@@ -88,15 +176,19 @@ class SharedIndex:
             if not recs:
                 break
             adds: list[tuple[np.ndarray, SemanticEntry]] = []
-            for _rid, fields in recs:
-                if fields.get(b"op") == b"add":
-                    item = self._decode(fields)
-                    if item is not None:
-                        adds.append(item)
-                else:  # a purge: apply the adds before it first, in order
-                    self._add_many(adds)
-                    adds = []
-                    self._apply_control(fields)
+            for rid, fields in recs:
+                try:
+                    op = check_record(fields)
+                    if op == b"add":
+                        item = self._decode(fields)
+                        if item is not None:
+                            adds.append(item)
+                    else:  # a purge: apply the adds before it first, in order
+                        self._add_many(adds)
+                        adds = []
+                        self._apply_control(op, fields)
+                except BadRecord as bad:
+                    self._bad(rid, bad)
             self._add_many(adds)
             n += len(recs)
             self.last_id = recs[-1][0]
@@ -122,8 +214,12 @@ class SharedIndex:
                 self.metrics.shared_up.set(1)
                 for _, recs in resp or ():
                     for rid, fields in recs:
-                        self._apply(fields)
+                        # advance first: a record that fails is skipped, never read again
                         self.last_id = rid
+                        try:
+                            self._apply(fields)
+                        except BadRecord as bad:
+                            self._bad(rid, bad)
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
@@ -133,11 +229,20 @@ class SharedIndex:
                 self.metrics.shared_up.set(0)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-            except Exception:  # a bad record must not stop the tail
+            except Exception:  # a bug must not stop the tail (nor spin: last_id moved on)
                 log.exception("shared index: record not applied")
+                self.metrics.shared_bad_records.labels("error").inc()
+                await asyncio.sleep(delay)
+
+    def _bad(self, rid: bytes, bad: BadRecord) -> None:
+        """Count a skipped record and log it (once: a skipped record is never read again)."""
+        self.metrics.shared_bad_records.labels(bad.reason).inc()
+        self.bad_records += 1
+        log.warning("shared index: stream record %s skipped (%s): %s",
+                    rid.decode("ascii", "replace"), bad.reason, bad)
 
     def _apply(self, fields: dict[bytes, bytes]) -> None:
-        op = fields.get(b"op")
+        op = check_record(fields)
         if op == b"add":
             if fields.get(b"o") == self.origin:
                 return  # our own entry: already in the index
@@ -149,39 +254,49 @@ class SharedIndex:
             self.applied += 1
             self.metrics.shared_lag.observe(max(0.0, time.time() - entry.created))
         else:
-            self._apply_control(fields)
+            self._apply_control(op, fields)
 
-    def _apply_control(self, fields: dict[bytes, bytes]) -> None:
-        op = fields.get(b"op")
+    def _apply_control(self, op: bytes, fields: dict[bytes, bytes]) -> None:
+        """A purge, validated before anything is removed."""
         if op == b"purge_ns":
-            ns = _f(fields, b"n")
+            ns = _text(fields, b"n", MAX_NAMESPACE_BYTES)
             self.semcache.index.purge_namespace(ns)
             self.semcache.exact.l1.purge_namespace(ns)
         elif op == b"purge_key":
-            key = fields[b"k"]
+            key = _digest(fields, b"k")
             self.semcache.index.remove(key)
             self.semcache.exact.l1.delete(key)
 
     def _decode(self, f: dict[bytes, bytes]) -> tuple[np.ndarray, SemanticEntry] | None:
-        try:
-            expires = float(f[b"e"])
-            if expires <= time.time():
-                return None
-            vec = np.frombuffer(f[b"v"], dtype=np.float16).astype(np.float32)
-            entry = SemanticEntry(key=f[b"k"], scope=f[b"s"], namespace=_f(f, b"n"),
-                                  query_text=_f(f, b"q"), tier=_f(f, b"t"), max_tokens=None,
-                                  created=float(f[b"c"]), expires=expires)
-            return vec, entry
-        except (KeyError, ValueError):
-            log.warning("shared index: malformed stream record skipped")
+        """The vector and entry of an add record; None when it has expired. BadRecord when a
+        field is missing, of the wrong type or size."""
+        expires = _number(f, b"e")
+        created = _number(f, b"c")
+        key, scope = _digest(f, b"k"), _digest(f, b"s")
+        namespace = _text(f, b"n", MAX_NAMESPACE_BYTES)
+        query = _text(f, b"q", MAX_QUERY_BYTES)
+        tier = _text(f, b"t", MAX_TIER_BYTES)
+        raw = f.get(b"v")
+        dim = self.semcache.index.dim
+        if not isinstance(raw, bytes) or len(raw) != 2 * dim:
+            raise BadRecord("bad_value", f"field 'v' is not {dim} float16 values")
+        vec = np.frombuffer(raw, dtype=np.float16).astype(np.float32)
+        norm = float(np.linalg.norm(vec))
+        if not math.isfinite(norm) or norm < 0.5 or norm > 1.5:
+            raise BadRecord("bad_value", "field 'v' is not a unit vector")
+        if expires <= time.time():
             return None
+        entry = SemanticEntry(key=key, scope=scope, namespace=namespace,
+                              query_text=query, tier=tier, max_tokens=None,
+                              created=created, expires=expires)
+        return vec, entry
 
     # -- publish ------------------------------------------------------------------------------
     def publish(self, vec: np.ndarray, entry: SemanticEntry) -> None:
         """Store and announce a new local entry (background; never delays the response)."""
-        fields = {b"op": b"add", b"o": self.origin, b"k": entry.key, b"s": entry.scope,
-                  b"n": entry.namespace.encode("utf-8", "surrogatepass"),
-                  b"q": entry.query_text.encode("utf-8", "surrogatepass"),
+        fields = {b"fv": _FV, b"op": b"add", b"o": self.origin, b"k": entry.key,
+                  b"s": entry.scope, b"n": entry.namespace.encode("utf-8", "surrogatepass"),
+                  b"q": _clip_utf8(entry.query_text, MAX_QUERY_BYTES),
                   b"t": entry.tier.encode(), b"c": repr(entry.created).encode(),
                   b"e": repr(entry.expires).encode(),
                   b"v": np.asarray(vec, dtype=np.float16).tobytes()}
@@ -201,7 +316,8 @@ class SharedIndex:
 
     def publish_purge(self, namespace: str, key: bytes | None = None) -> None:
         """Announce a purge so every sidecar applies it (and replays apply it in order)."""
-        fields = {b"op": b"purge_key" if key is not None else b"purge_ns", b"o": self.origin,
+        fields = {b"fv": _FV, b"op": b"purge_key" if key is not None else b"purge_ns",
+                  b"o": self.origin,
                   b"n": namespace.encode("utf-8", "surrogatepass")}
         if key is not None:
             fields[b"k"] = key

@@ -6,6 +6,7 @@ hits, and cost a few microseconds.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Final
 
 import orjson
@@ -176,10 +177,33 @@ def _check_shapes(body: dict[str, Any]) -> None:
             raise bad_request(f"'{name}' has the wrong type.", name, "invalid_type")
 
 
+#: Request headers whose values reach cache keys, metric labels, logs or response headers, and
+#: the longest value accepted for each (characters).
+EDGE_HEADERS: Final = (("x-cache-namespace", 128), ("x-request-id", 128))
+
+
+def header_ok(value: str, limit: int) -> bool:
+    """A header value fit to become part of a key, a label or a log line: at most ``limit``
+    characters, all printable. aiohttp decodes header bytes as UTF-8 with surrogateescape, so a
+    non-UTF-8 byte arrives as a lone surrogate, which is not printable; control characters are
+    not either."""
+    return len(value) <= limit and value.isprintable()
+
+
+def check_headers(headers: Mapping[str, str]) -> None:
+    """400 naming the header whose value is not UTF-8, has control characters or is too long."""
+    for name, limit in EDGE_HEADERS:
+        value = headers.get(name)
+        if value is not None and not header_ok(value, limit):
+            raise bad_request(f"Header '{name}' must be printable UTF-8 of at most {limit} "
+                              "characters.", name, "invalid_header")
+
+
 def check_content_length(length: int | None, limit: int) -> None:
     """413 before reading a body that announces itself too large."""
     if length is not None and length > limit:
         raise payload_too_large(limit)
 
 
-__all__ = ["ProxyError", "check_content_length", "parse_json", "validate"]
+__all__ = ["ProxyError", "check_content_length", "check_headers", "header_ok", "parse_json",
+           "validate"]

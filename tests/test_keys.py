@@ -59,5 +59,9 @@ def test_namespace_hides_the_api_key() -> None:
     ns = namespace_of(None, "Bearer sk-secret-123")
     assert "sk-secret" not in ns and ns.startswith("key:")
     assert ns != namespace_of(None, "Bearer sk-other")
-    assert namespace_of("team-a", "Bearer sk-secret-123") == "ns:team-a"
-    assert namespace_of(None, None) == "anon"
+    # the header only partitions within the caller's own namespace...
+    assert namespace_of("team-a", "Bearer sk-secret-123") == ns + "/ns:team-a"
+    assert namespace_of("team-a", None) == "anon/ns:team-a"
+    # ...unless a gateway that sets it is trusted to name the tenant
+    assert namespace_of("team-a", "Bearer sk-secret-123", trust_header=True) == "ns:team-a"
+    assert namespace_of(None, None) == "anon" == namespace_of(None, "Bearer ")

@@ -1,0 +1,358 @@
+"""Security and resource bounds (issue #11): what an attacker on the same network, or a bad
+record on the shared Redis, could do before, and must not be able to do now.
+
+Every test runs real processes: the proxy (in this process, or as ``python -m proxy serve``),
+the mock vLLM tiers, the suite's own redis-server, and the official openai client as the caller
+wherever a client is involved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from typing import Any
+
+import aiohttp
+import numpy as np
+import openai
+import pytest
+import redis as redis_sync
+
+from proxy.server import JsonAccessLogger
+from tests.conftest import free_port, run_cli
+from tests.test_exact import wait_http
+from tests.test_faults import _until
+
+CHAT = "/v1/chat/completions"
+Q = "How do I reset my password?"
+PARAPHRASE = "How can I reset my password?"
+#: proxy.shared.FORMAT_VERSION, the stream record format this version writes
+FORMAT_VERSION = 1
+
+
+def client(url: str, key: str, **kw: Any) -> openai.AsyncOpenAI:
+    """The openai client with API key ``key`` (see ``auth`` for none at all)."""
+    return openai.AsyncOpenAI(base_url=url + "/v1", api_key=key or "unused", max_retries=0,
+                              timeout=30, **kw)
+
+
+def auth(key: str) -> dict[str, Any]:
+    """Per-request headers: "" = send no Authorization header at all."""
+    return {} if key else {"Authorization": openai.Omit()}
+
+
+async def ask(url: str, key: str, text: str, ns: str | None = None) -> str:
+    """x-cache of one chat request through the openai client ("" = no credential)."""
+    headers = {"x-cache-namespace": ns} if ns is not None else {}
+    headers.update(auth(key))
+    r = await client(url, key).chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": text}], extra_headers=headers)
+    return r.headers["x-cache"]
+
+
+async def raw_http(url: str, data: bytes, wait: float = 5.0) -> bytes:
+    """Send raw bytes on a new connection; what came back before EOF or ``wait`` seconds."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(data)
+    await writer.drain()
+    out = b""
+    try:
+        async with asyncio.timeout(wait):
+            while chunk := await reader.read(65536):
+                out += chunk
+                if b"\r\n\r\n" in out:
+                    head, _, body = out.partition(b"\r\n\r\n")
+                    m = re.search(rb"(?i)content-length: *(\d+)", head)
+                    if m and len(body) >= int(m.group(1)):
+                        break
+    except TimeoutError:
+        pass
+    writer.close()
+    return out
+
+
+def raw_chat(text: str, extra_head: bytes = b"", path: bytes = CHAT.encode()) -> bytes:
+    body = json.dumps({"model": "auto", "messages": [{"role": "user", "content": text}]}).encode()
+    return (b"POST " + path + b" HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer sk-raw\r\nConnection: close\r\n" + extra_head
+            + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+def status_of(raw: bytes) -> int:
+    return int(raw.split(b" ", 2)[1])
+
+
+def json_body(raw: bytes) -> Any:
+    return json.loads(raw.partition(b"\r\n\r\n")[2])
+
+
+async def scrape(url: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as s, s.get(url + "/metrics") as r:
+        return r.status, await r.text()
+
+
+# -- High 1: tenant identity ---------------------------------------------------------------------
+
+
+@pytest.fixture
+async def shared_pair(make_proxy: Any, redis_url: str, redis_prefix: str) -> Any:
+    """Two sidecars on one Redis (the deployment where a cross-tenant read crosses apps)."""
+    cache = {"redis_url": redis_url, "redis_prefix": redis_prefix}
+    a = await make_proxy(tier_names=("small",), cache=cache)
+    b = await make_proxy(tier_names=("small",), cache=cache)
+    return a, b
+
+
+async def test_namespace_header_cannot_reach_another_tenants_entries(shared_pair: Any) -> None:
+    """The attack of the issue: a caller without team-a's key sends x-cache-namespace: team-a.
+    Before: an exact hit for the same text, a semantic hit for a paraphrase, and it could plant
+    answers that team-a would be served. Now the header only partitions within the caller's own
+    credential."""
+    a, b = shared_pair
+    assert await ask(a.url, "sk-team-a", Q, ns="team-a") == "miss"
+    # the entry reached b's index through the stream: a paraphrase inside team-a is a hit there
+    assert await _until(lambda: len(b.proxy.semantic.index) >= 1)
+    assert await ask(b.url, "sk-team-a", PARAPHRASE, ns="team-a") == "hit-semantic"
+    for attacker in ("", "sk-attacker"):  # no credential, or a key of its own
+        assert await ask(b.url, attacker, Q, ns="team-a") == "miss", attacker or "anonymous"
+        assert await ask(a.url, attacker, "What is the refund policy?", ns="team-a") == "miss"
+    # what the attackers stored under "team-a" is in their own namespaces, not team-a's
+    assert await ask(a.url, "sk-team-a", "What is the refund policy?", ns="team-a") == "miss"
+    # and a paraphrase asked by the attacker is not served from team-a's entry either
+    assert await ask(b.url, "sk-attacker2", "how do i reset my password", ns="team-a") == "miss"
+
+
+async def test_gateway_mode_trusts_the_header(make_proxy: Any) -> None:
+    """cache.trust_namespace_header: a gateway sets x-cache-namespace and it names the tenant
+    whatever key the request carries (the old behaviour, now opt-in)."""
+    p = await make_proxy(tier_names=("small",), cache={"trust_namespace_header": True})
+    assert await ask(p.url, "sk-1", Q, ns="team-a") == "miss"
+    assert await ask(p.url, "sk-2", Q, ns="team-a") == "hit-exact"
+    assert await ask(p.url, "sk-2", Q, ns="team-b") == "miss"
+    # without the header, the credential is the tenant
+    assert await ask(p.url, "sk-1", Q) == "miss"
+    assert await ask(p.url, "sk-2", Q) == "miss"
+
+
+async def test_anonymous_callers_share_one_namespace_or_are_refused(make_proxy: Any) -> None:
+    shared = await make_proxy(tier_names=("small",))
+    assert await ask(shared.url, "", Q) == "miss"
+    assert await ask(shared.url, "", Q) == "hit-exact"       # one anonymous namespace
+    assert await ask(shared.url, "sk-key", Q) == "miss"      # not shared with keyed callers
+
+    refuse = await make_proxy(tier_names=("small",), cache={"anonymous": "refuse"})
+    with pytest.raises(openai.AuthenticationError) as info:
+        await client(refuse.url, "").chat.completions.create(
+            model="auto", messages=[{"role": "user", "content": Q}], extra_headers=auth(""))
+    assert info.value.status_code == 401 and info.value.code == "missing_api_key"
+    assert await ask(refuse.url, "sk-key", Q) == "miss"      # a credential is enough
+    assert refuse.proxy.semantic is not None and len(refuse.proxy.cache.l1) == 1
+
+
+# -- High 2: input at the edge -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("header", [b"x-cache-namespace", b"x-request-id"])
+@pytest.mark.parametrize("value", [b"team-\xff\xfe", b"a" * 129, b"caf\xc3\xa9\xed\xa0\x80"])
+async def test_bad_header_values_get_a_400_naming_the_header(make_proxy: Any, header: bytes,
+                                                            value: bytes) -> None:
+    """Before: a non-UTF-8 byte in x-cache-namespace became a metric label and every later
+    scrape of /metrics answered 500 until restart."""
+    p = await make_proxy(tier_names=("small",))
+    out = await raw_http(p.url, raw_chat("bad header", header + b": " + value + b"\r\n"))
+    assert status_of(out) == 400, out[:300]
+    err = json_body(out)["error"]
+    assert err["param"] == header.decode() and err["code"] == "invalid_header"
+    assert p.proxy.flights == {} and len(p.proxy.cache.l1) == 0
+    status, text = await scrape(p.url)
+    assert status == 200 and "edge_proxy_requests_total" in text
+    # the proxy goes on, and a valid value of the same header is served
+    ok = await raw_http(p.url, raw_chat("bad header", header + b": fine-1\r\n"))
+    assert status_of(ok) == 200, ok[:300]
+    assert (await scrape(p.url))[0] == 200
+
+
+async def test_metrics_survive_every_namespace_byte(make_proxy: Any) -> None:
+    """Whatever bytes x-cache-namespace carries, /metrics keeps answering 200."""
+    p = await make_proxy(tier_names=("small",))
+    for i, bad in enumerate((b"\x80", b"\xc3(", b"x\x7fy", b"\xf0\x9f\x98", b"ok\xe2\x82")):
+        await raw_http(p.url, raw_chat(f"byte {i}", b"x-cache-namespace: " + bad + b"\r\n"))
+        status, _ = await scrape(p.url)
+        assert status == 200
+
+
+async def test_admin_token_with_non_utf8_bytes_is_a_401(make_proxy: Any) -> None:
+    p = await make_proxy(tier_names=("small",), server={"admin_token": "adm"})
+    req = (b"GET /admin/stats HTTP/1.1\r\nHost: p\r\nConnection: close\r\n"
+           b"Authorization: Bearer \xff\xfeadm\r\n\r\n")
+    out = await raw_http(p.url, req)
+    assert status_of(out) == 401, out[:200]
+    assert json_body(out)["error"]["code"] == "invalid_admin_token"
+
+
+async def test_json_access_log_never_raises(make_proxy: Any, caplog: Any) -> None:
+    """Before: a non-UTF-8 x-request-id made the JSON access logger raise on every such
+    request. The logger now writes one parseable line per request whatever the bytes."""
+    from aiohttp import web
+
+    from proxy.metrics import Metrics
+    from proxy.server import build_app
+
+    p = await make_proxy(tier_names=("small",))  # only for its config (the mock tier)
+    app = build_app(p.config, Metrics())
+    runner = web.AppRunner(app, access_log=logging.getLogger("edge_proxy.access"),
+                           access_log_class=JsonAccessLogger)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    try:
+        with caplog.at_level(logging.INFO, logger="edge_proxy.access"):
+            for extra, path in ((b"x-request-id: r-\xff\r\n", CHAT.encode()),
+                                (b"x-request-id: ok-1\r\n", CHAT.encode()),
+                                (b"", b"/v1/%ff%fe%ed%a0%80")):
+                out = await raw_http(url, raw_chat("log me", extra, path))
+                assert status_of(out) in (200, 400, 404), out[:200]
+        lines = [json.loads(r.getMessage()) for r in caplog.records
+                 if r.name == "edge_proxy.access"]
+        assert len(lines) == 3
+        assert [rec["status"] for rec in lines] == [400, 200, 404]
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    finally:
+        await runner.cleanup()
+
+
+async def test_namespace_series_are_bounded(make_proxy: Any) -> None:
+    """One label value per tenant up to server.metrics_max_namespaces, then "other": minting
+    keys (or partitions) cannot grow /metrics without bound."""
+    p = await make_proxy(tier_names=("small",), server={"metrics_max_namespaces": 3})
+    for i in range(8):
+        for ns in ("p1", "p2"):  # partitions within a key are one tenant's label
+            await ask(p.url, f"sk-tenant-{i}", f"question {i}", ns=ns)
+            await ask(p.url, f"sk-tenant-{i}", f"question {i}", ns=ns)  # a hit: cost saved
+    _, text = await scrape(p.url)
+    for metric in ("edge_proxy_cost_spent_usd_total", "edge_proxy_cost_saved_usd_total"):
+        labels = set(re.findall(metric + r'\{[^}]*namespace="([^"]*)"', text))
+        assert len(labels) == 4 and "other" in labels, (metric, labels)
+        assert not any("/ns:" in ns for ns in labels)
+
+
+# -- High 3: records on the shared Redis Stream --------------------------------------------------
+
+
+def _vec(seed: int) -> bytes:
+    v = np.random.default_rng(seed).standard_normal(384).astype(np.float32)
+    return (v / np.linalg.norm(v)).astype(np.float16).tobytes()
+
+
+def good_add(n: int, **extra: bytes) -> dict[bytes, bytes]:
+    now = time.time()
+    return {b"op": b"add", b"o": b"writer-x", b"k": n.to_bytes(16, "big"),
+            b"s": b"s" * 16, b"n": b"key:0000000000000000", b"q": f"question {n}".encode(),
+            b"t": b"small", b"c": repr(now).encode(), b"e": repr(now + 3600).encode(),
+            b"v": _vec(n), **extra}
+
+
+def malformed_records() -> list[dict[bytes, bytes]]:
+    """Records another version (or anyone who can write to Redis) could put on the stream."""
+    add = good_add(99)
+    without = {k: v for k, v in add.items() if k != b"k"}
+    return [
+        {b"op": b"purge_ns", b"o": b"x"},                       # the issue's example: no n
+        {b"op": b"purge_key", b"o": b"x", b"n": b"ns"},          # no k
+        without,                                                 # add without its key
+        {**add, b"v": b"\x00\x01"},                               # vector of the wrong size
+        {**add, b"v": np.full(384, np.nan, np.float16).tobytes()},  # not a unit vector
+        {**add, b"n": b"\xff\xfe"},                               # namespace not UTF-8
+        {**add, b"q": b"x" * 100_000},                            # oversized query text
+        {**add, b"e": b"tomorrow"},                               # not a number
+        {**add, b"fv": b"v2"},                                    # garbage version
+        {b"op": b"compact", b"fv": b"2", b"o": b"x"},             # an op of a later version
+        {b"garbage": b"\x00" * 10},
+    ]
+
+
+async def test_bad_stream_records_are_skipped_by_a_running_sidecar(
+        make_proxy: Any, redis_url: str, redis_prefix: str) -> None:
+    """Before: one purge record without its key field made every running sidecar's tailer loop
+    hot on the same record, applying nothing more. Now each bad record is counted once, logged
+    with its id, skipped, and later good records are applied."""
+    p = await make_proxy(tier_names=("small",),
+                         cache={"redis_url": redis_url, "redis_prefix": redis_prefix})
+    shared = p.proxy.semantic.shared
+    assert shared is not None
+    r = redis_sync.Redis.from_url(redis_url)
+    stream = (redis_prefix + "stream").encode()
+    bad = malformed_records()
+    for rec in bad:
+        r.xadd(stream, rec)
+    r.xadd(stream, good_add(1))
+    # a record of the next format version: an extra field it does not know, same op: applied
+    last = r.xadd(stream, good_add(2, fv=b"2", future_field=b"whatever"))
+    assert await _until(lambda: shared.last_id == last, timeout=10)
+    assert len(p.proxy.semantic.index) == 2
+    assert shared.bad_records == len(bad)  # each counted once: no re-reading, no hot loop
+    _, text = await scrape(p.url)
+    counted = sum(float(v) for v in re.findall(
+        r'edge_proxy_shared_bad_records_total\{reason="[a-z_]+"\} ([\d.]+)', text))
+    assert counted == len(bad)
+    # and the proxy's own answers still travel: a miss here is published and read back
+    assert await ask(p.url, "sk-x", Q) == "miss"
+    r.close()
+
+
+async def test_a_starting_sidecar_replays_past_bad_records(tiers: Any, redis_url: str,
+                                                          redis_prefix: str) -> None:
+    """Before: every sidecar that started exited during replay (KeyError): a crash loop until
+    someone trimmed the stream. Now it starts, reports ready and has the good entries."""
+    r = redis_sync.Redis.from_url(redis_url)
+    stream = (redis_prefix + "stream").encode()
+    r.xadd(stream, good_add(1))
+    for rec in malformed_records():
+        r.xadd(stream, rec)
+    r.xadd(stream, good_add(2))
+    r.xadd(stream, good_add(3, fv=str(FORMAT_VERSION + 1).encode()))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = run_cli("serve", "--port", str(port), "--tier", f"small={tiers['small'].url}",
+                   "--redis", redis_url, env={"EDGE_PROXY_CACHE__REDIS_PREFIX": redis_prefix,
+                                              "EDGE_PROXY_SERVER__ADMIN_TOKEN": "adm",
+                                              "EDGE_PROXY_ROUTER__ENABLED": "false"})
+    try:
+        await wait_http(url + "/readyz", proc, timeout=60)
+        async with aiohttp.ClientSession() as s, s.get(
+                url + "/admin/stats", headers={"Authorization": "Bearer adm"}) as resp:
+            stats = await resp.json()
+        assert stats["semantic"]["entries"] == 3
+        _, text = await scrape(url)
+        assert "edge_proxy_shared_bad_records_total" in text
+        assert await ask(url, "sk-x", Q) == "miss"  # and it serves
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=10)[0].decode(errors="replace")
+        r.close()
+    assert "Traceback" not in out, out[-3000:]
+    assert out.count("skipped") >= len(malformed_records()), out[-3000:]
+
+
+async def test_records_carry_a_format_version(make_proxy: Any, redis_url: str,
+                                              redis_prefix: str) -> None:
+    p = await make_proxy(tier_names=("small",), server={"admin_token": "adm"},
+                         cache={"redis_url": redis_url, "redis_prefix": redis_prefix})
+    await ask(p.url, "sk-x", Q)
+    async with aiohttp.ClientSession() as s, s.post(
+            p.url + "/admin/purge", headers={"Authorization": "Bearer adm"},
+            json={"namespace": "key:0000000000000000"}) as resp:
+        assert resp.status == 200
+    r = redis_sync.Redis.from_url(redis_url)
+    stream = (redis_prefix + "stream").encode()
+    assert await _until(lambda: r.xlen(stream) == 2)
+    recs = r.xrange(stream)
+    assert [f[b"op"] for _, f in recs] == [b"add", b"purge_ns"]
+    assert all(f[b"fv"] == str(FORMAT_VERSION).encode() for _, f in recs)
+    r.close()
