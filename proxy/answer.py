@@ -141,8 +141,15 @@ def _build_sse(endpoint: str, body: dict[str, Any], include_usage: bool) -> byte
 
 def usage_of(body: dict[str, Any]) -> tuple[int, int]:
     """(prompt_tokens, completion_tokens) of a response body; (0, 0) when absent."""
-    u = body.get("usage") or {}
-    return int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
+    u = body.get("usage")
+    if not isinstance(u, dict):
+        return 0, 0  # absent, or of the wrong type: the caller counts with the tokenizer
+    return _count(u.get("prompt_tokens")), _count(u.get("completion_tokens"))
+
+
+def _count(x: Any) -> int:
+    """A token count from an upstream's usage; 0 for anything but a non-negative integer."""
+    return x if isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 40 else 0
 
 
 def is_complete(body: dict[str, Any]) -> bool:

@@ -78,6 +78,8 @@ class TierConfig:
     health_interval_s: float = 1.0
     #: Seconds between re-reads of /v1/models (the served checkpoint may change under a name).
     model_check_interval_s: float = 30.0
+    #: Largest upstream response relayed, bytes (a JSON body, or a stream's total); 502 above.
+    max_response_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +111,14 @@ class ServerConfig:
     gc_thresholds: tuple[int, ...] = (50_000, 20, 100)
     #: Tenants with their own series in the per-namespace metrics; later ones count as "other".
     metrics_max_namespaces: int = 100
+    #: Seconds a new connection has to deliver a complete request head, and an idle keep-alive
+    #: connection stays open (slowloris: a half-sent head is closed after this).
+    idle_timeout_s: float = 15.0
+    #: Seconds to receive a request body once its head arrived (408 after).
+    body_timeout_s: float = 30.0
+    #: Open client connections; more are answered 503 and closed. 0 = half the process's file
+    #: limit (raised to its hard limit at start), the rest left for upstreams, Redis and files.
+    max_connections: int = 0
 
 
 @dataclass(frozen=True, slots=True)

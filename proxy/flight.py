@@ -25,12 +25,13 @@ from typing import Any
 
 import aiohttp
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.answer import CachedAnswer, StreamAssembler, is_complete, usage_of
 from proxy.errors import ProxyError, upstream_timeout, upstream_unavailable
 from proxy.metrics import Metrics
 from proxy.tokens import completion_text, count_tokens, prompt_text
-from proxy.upstream import OpenResponse, TierClient, UpstreamFailure
+from proxy.upstream import OpenResponse, TierClient, UpstreamFailure, read_limited
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,8 @@ class Flight:
                         raise UpstreamFailure(upstream_unavailable(
                             f"tier {tier.name}: stream ended before the first event"), "cut")
                 else:
-                    first = await opened.resp.read()
+                    first = await read_limited(opened.resp, tier.cfg.max_response_bytes,
+                                               tier.name)
             return opened, first
         except UpstreamFailure:
             if opened is not None:
@@ -194,9 +196,14 @@ class Flight:
             self.body = None
             self._fail(upstream_unavailable(f"tier {self.tier.name}: invalid JSON from upstream"))
             return
-        if isinstance(obj, dict):
-            pt, ct = usage_of(obj)
-            self._complete(obj, raw, pt, ct)
+        problem = _error_in_ok(obj)
+        if problem is not None:  # a 200 carrying an error (or no answer): 502 with its message
+            self.body = None
+            self._fail(upstream_unavailable(f"tier {self.tier.name}: upstream answered 200 "
+                                            f"with an error: {problem}"))
+            return
+        pt, ct = usage_of(obj)
+        self._complete(obj, raw, pt, ct)
         self.done = True
         self._notify()
 
@@ -224,8 +231,17 @@ class Flight:
         event: bytes | None = first
         finished = False
         held: bytes | None = None  # a finish chunk waiting for the usage chunk's fingerprint
+
+
+        limit, received = self.tier.cfg.max_response_bytes, 0
         try:
             while event is not None:
+                received += len(event)
+                if received > limit:
+                    opened.close(ok=False)
+                    self._fail(upstream_unavailable(
+                        f"tier {self.tier.name}: upstream stream larger than {limit} bytes"))
+                    return
                 if event == b"[DONE]":
                     finished = True
                     break
@@ -277,8 +293,7 @@ class Flight:
                 f"tier {self.tier.name}: upstream stream ended before [DONE]"))
             return
         opened.close(reuse=True, ok=True)
-        pt, ct = (int(asm.usage.get("prompt_tokens") or 0),
-                  int(asm.usage.get("completion_tokens") or 0)) if asm.usage else (0, 0)
+        pt, ct = usage_of({"usage": asm.usage})
         if asm.cacheable:
             self._complete(asm.body(), None, pt, ct)
         else:
@@ -316,11 +331,30 @@ def _stream_error(tier: str, error: Any, started: bool) -> ProxyError:
     return upstream_unavailable(f"tier {tier}: upstream error mid-stream: {message[:500]}")
 
 
+def _error_in_ok(obj: Any) -> str | None:
+    """What is wrong with a 200 JSON body that is not an answer: its error message, or a
+    description; None for an answer (an object with a ``choices`` list)."""
+    if not isinstance(obj, dict):
+        return f"a JSON {type(obj).__name__}, not an object"
+    err = obj.get("error")
+    if err is not None or obj.get("object") == "error":
+        inner = err if isinstance(err, dict) else obj
+        msg = inner.get("message")
+        return (msg if isinstance(msg, str) else str(err))[:500]
+    if not isinstance(obj.get("choices"), list):
+        return "no 'choices' in the answer"
+    return None
+
+
 async def _next_event(resp: aiohttp.ClientResponse) -> bytes | None:
     """The payload of the next SSE ``data:`` event; None at the end of the body."""
     content = resp.content
     while True:
-        line = await content.readline()
+        try:
+            line = await content.readline()
+        except (ValueError, HttpProcessingError):  # a line over the reader's limit: a broken
+            # upstream, not our bug
+            raise aiohttp.ClientPayloadError("SSE line too long") from None
         if not line:
             return None
         if line.startswith(b"data:"):

@@ -16,6 +16,10 @@ until reset with ``{}``):
   tpot_ms:     time per output token for the faulty requests
   content_type: serve JSON with this content-type instead
   no_usage:    send no usage (JSON without "usage", streams without the usage chunk)
+  usage:       send this object as "usage" instead of the real counts (wrong types...)
+  redirect:    answer 307 with this Location
+  ok_error:    answer HTTP 200 with a vLLM error body carrying this message
+  long_line:   streamed: send one SSE line of this many bytes after the first chunk
   health:      GET /health answers with this status (until reset; not counted)
 
 With ``api_key`` set (``--api-key``), /v1/* needs ``Authorization: Bearer <key>`` and answers
@@ -164,6 +168,13 @@ class MockVLLM:
         if fault.get("status"):
             return _err(int(fault["status"]), f"injected fault {fault['status']}",
                         "InternalServerError" if fault["status"] >= 500 else "BadRequestError")
+        if fault.get("redirect"):
+            return web.Response(status=307, headers={"Location": fault["redirect"]})
+        if fault.get("ok_error"):
+            return web.Response(body=orjson.dumps({"object": "error", "message": fault["ok_error"],
+                                                   "type": "BadRequestError", "param": None,
+                                                   "code": 400}),
+                                content_type="application/json")
         try:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError:
@@ -187,8 +198,9 @@ class MockVLLM:
         if isinstance(max_tokens, int) and max_tokens < len(words):
             words, finish = words[:max_tokens], "length"
         prompt_tokens = _count_tokens(seed_obj)
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(words),
-                 "total_tokens": prompt_tokens + len(words)}
+        usage = fault.get("usage") or {
+            "prompt_tokens": prompt_tokens, "completion_tokens": len(words),
+            "total_tokens": prompt_tokens + len(words)}
         rid = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         tpot = float(fault.get("tpot_ms", self.tpot_ms)) / 1000
@@ -258,6 +270,8 @@ class MockVLLM:
                     "param": None, "code": 500}}) + b"\n\n")
                 await resp.write(b"data: [DONE]\n\n")
                 return resp
+            if n == 1 and fault.get("long_line"):
+                await resp.write(b": " + b"x" * int(fault["long_line"]) + b"\n\n")
             if tpot:
                 await asyncio.sleep(tpot * step)
             piece = (" " if i else "") + " ".join(words[i:i + step])

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import time as _time
+from typing import Final
 
 import orjson
 from aiohttp import web
@@ -54,8 +55,12 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
     metrics.max_namespaces = config.server.metrics_max_namespaces
     proxy = Proxy(config, metrics)
     # client_max_size a little above the limit so the handler, not aiohttp, answers with our 413
+    # keepalive_timeout: aiohttp arms it when a connection opens and after every response, and
+    # closes the connection if no complete request head arrived by then: the head timeout
+    # (slowloris) and the idle keep-alive timeout in one
     app = web.Application(client_max_size=config.server.max_body_bytes + 1,
-                          handler_args={"max_field_size": 16384})
+                          handler_args={"max_field_size": 16384,
+                                        "keepalive_timeout": config.server.idle_timeout_s})
     app[PROXY_KEY] = proxy
     app.router.add_post("/v1/chat/completions", proxy.chat)
     app.router.add_post("/v1/completions", proxy.completions)
@@ -111,6 +116,78 @@ class JsonAccessLogger(AbstractAccessLogger):
         self.logger.info(line.decode())
 
 
+_BUSY: Final = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s")
+
+
+class _Busy(asyncio.Protocol):
+    """A connection over server.max_connections: read its head (at most 1 s), answer 503,
+    close. Reading first lets the client see the answer instead of a reset."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = b""
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.timer = asyncio.get_running_loop().call_later(1.0, self.answer)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if b"\r\n\r\n" in self.buf or len(self.buf) > 16384:
+            self.answer()
+
+    def answer(self) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            body = ProxyError(503, "too many open connections; retry later",
+                              err_type="server_error", code="too_many_connections").body()
+            raw = orjson.dumps(body)
+            t.write(_BUSY % (len(raw), raw))
+            t.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.transport = None
+
+
+class CappedServer:
+    """aiohttp's protocol factory with a connection cap: over ``limit`` open connections a new
+    one gets ``_Busy`` (503) instead of a request handler. Everything else is delegated."""
+
+    def __init__(self, inner: web.Server, limit: int) -> None:
+        self._inner = inner
+        self.limit = limit
+        self.refused = 0
+
+    def __call__(self) -> asyncio.BaseProtocol:
+        if len(self._inner._connections) >= self.limit:
+            self.refused += 1
+            return _Busy()
+        return self._inner()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+
+def connection_limit(configured: int) -> int:
+    """server.max_connections, or (0) half the file limit after raising it to the hard one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    if configured:
+        return configured
+    return max(64, (soft if soft != resource.RLIM_INFINITY else 65536) // 2)
+
+
 class Server:
     """Runs the proxy until SIGTERM/SIGINT, then drains and closes."""
 
@@ -129,6 +206,8 @@ class Server:
         runner = web.AppRunner(app, handler_cancellation=True,
                                shutdown_timeout=cfg.shutdown_timeout_s, **access)  # type: ignore[arg-type]
         await runner.setup()
+        limit = connection_limit(cfg.max_connections)
+        runner._server = CappedServer(runner.server, limit)  # type: ignore[arg-type,assignment]
         site = web.TCPSite(runner, cfg.host, cfg.port, backlog=1024, reuse_address=True)
         try:
             await site.start()
@@ -137,9 +216,10 @@ class Server:
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise RuntimeError(f"cannot listen on {cfg.host}:{cfg.port}: {reason}") from None
         proxy = app[PROXY_KEY]
-        log.info("edge-proxy listening on http://%s:%d (tiers: %s; redis: %s)", cfg.host,
-                 cfg.port, ", ".join(f"{n}={t.model}" for n, t in proxy.tiers.items()),
-                 self.config.cache.redis_url or "off")
+        log.info("edge-proxy listening on http://%s:%d (tiers: %s; redis: %s; up to %d "
+                 "connections)", cfg.host, cfg.port,
+                 ", ".join(f"{n}={t.model}" for n, t in proxy.tiers.items()),
+                 self.config.cache.redis_url or "off", limit)
         freeze_startup_heap()
         gcwatch.install(proxy.metrics, cfg.gc_thresholds)
         stop = asyncio.Event()

@@ -116,7 +116,7 @@ def error_from_upstream(status: int, raw: bytes) -> ProxyError:
     except orjson.JSONDecodeError:
         if raw:
             message = f"{message}: {raw[:200].decode('utf-8', 'replace')}"
-    if status >= 500:
+    if status >= 500 or status < 400:  # 5xx, or a 1xx/3xx: redirects are never followed
         return upstream_unavailable(f"upstream error (HTTP {status}): {message}")
     return ProxyError(status, message, err_type=etype, param=param, code=f"upstream_{status}")
 
@@ -407,7 +407,9 @@ class TierClient:
             return UpstreamFailure(err, kind)
 
         try:
+            # allow_redirects=False: a redirect (to another host) is an upstream failure
             resp = await self.session.post(ep.url + path, data=data, headers=headers,
+                                           allow_redirects=False,
                                            timeout=self._stream_timeout if stream
                                            else self._json_timeout)
         except TimeoutError:
@@ -431,7 +433,7 @@ class TierClient:
             finally:
                 resp.release()
             err = error_from_upstream(resp.status, raw)
-            if resp.status >= 500 or resp.status == 429:
+            if resp.status >= 500 or resp.status == 429 or resp.status < 400:
                 raise fail(err, f"http_{resp.status}")
             release()
             ep.on_success()  # a 4xx is the request's fault, not the endpoint's
@@ -439,11 +441,32 @@ class TierClient:
         ctype = resp.headers.get("Content-Type", "")
         expected = "text/event-stream" if stream else "application/json"
         if not ctype.startswith(expected):
+            detail = f"upstream sent content-type {ctype!r}, expected {expected}"
+            if stream and ctype.startswith("application/json"):
+                # a 200 carrying an error instead of a stream: pass its message on
+                try:
+                    raw = await read_limited(resp, 65536, self.name)
+                    detail = "upstream answered 200 with an error: " + \
+                        error_from_upstream(502, raw).message.partition(": ")[2]
+                except (UpstreamFailure, aiohttp.ClientError, asyncio.TimeoutError):
+                    pass
             resp.close()
-            raise fail(upstream_unavailable(
-                f"tier {self.name}: upstream sent content-type {ctype!r}, expected {expected}"),
-                "content_type")
+            raise fail(upstream_unavailable(f"tier {self.name}: {detail}"), "content_type")
         return OpenResponse(resp, ep, release, self._leave)
+
+
+async def read_limited(resp: aiohttp.ClientResponse, limit: int, tier: str) -> bytes:
+    """The whole body, or UpstreamFailure past ``limit`` bytes (never buffers more)."""
+    too_large = UpstreamFailure(upstream_unavailable(
+        f"tier {tier}: upstream answer larger than {limit} bytes"), "too_large")
+    if resp.content_length is not None and resp.content_length > limit:
+        raise too_large
+    buf = bytearray()
+    async for chunk in resp.content.iter_chunked(65536):
+        buf += chunk
+        if len(buf) > limit:
+            raise too_large
+    return bytes(buf)
 
 
 class _Refused(Exception):

@@ -199,11 +199,28 @@ def check_headers(headers: Mapping[str, str]) -> None:
                               "characters.", name, "invalid_header")
 
 
+def check_content_type(value: str | None) -> None:
+    """415 unless the body is declared JSON. A missing Content-Type is refused too: a web page
+    can POST cross-site without a CORS preflight only as text/plain, a form or with no type
+    at all (a Blob or ArrayBuffer body), never as application/json, so requiring it keeps any
+    page a browser opens from spending tokens through a proxy on localhost."""
+    media = (value or "").partition(";")[0].strip().lower()
+    if media != "application/json":
+        raise ProxyError(415, f"Content-Type must be application/json, got {value!r:.60}.",
+                         param="Content-Type", code="unsupported_media_type")
+
+
+def body_timeout(seconds: float) -> ProxyError:
+    """408: the body did not arrive in time (a slow-body client); the connection is closed."""
+    return ProxyError(408, f"Request body not received within {seconds} s.",
+                      code="request_timeout", headers={"Connection": "close"})
+
+
 def check_content_length(length: int | None, limit: int) -> None:
     """413 before reading a body that announces itself too large."""
     if length is not None and length > limit:
         raise payload_too_large(limit)
 
 
-__all__ = ["ProxyError", "check_content_length", "check_headers", "header_ok", "parse_json",
-           "validate"]
+__all__ = ["ProxyError", "body_timeout", "check_content_length", "check_content_type",
+           "check_headers", "header_ok", "parse_json", "validate"]

@@ -356,3 +356,233 @@ async def test_records_carry_a_format_version(make_proxy: Any, redis_url: str,
     assert [f[b"op"] for _, f in recs] == [b"add", b"purge_ns"]
     assert all(f[b"fv"] == str(FORMAT_VERSION).encode() for _, f in recs)
     r.close()
+
+
+# -- Medium 4: single-flight and token limits ----------------------------------------------------
+
+
+@pytest.mark.parametrize("leader,follower", [(None, 3), (3, None), (5, 3)])
+async def test_single_flight_joins_only_requests_the_answer_satisfies(
+        make_proxy: Any, leader: int | None, follower: int | None) -> None:
+    """Before: a max_tokens=3 request that joined an identical in-flight request got 24
+    tokens, and a request with no limit got the leader's 3-token ``length`` answer."""
+    from proxy.mock_vllm import start_mock
+
+    mock, runner, port = await start_mock("small-8b", ttft_ms=300, tpot_ms=2, reply_tokens=24)
+    try:
+        p = await make_proxy(tier_names=("small",),
+                             tier_urls={"small": f"http://127.0.0.1:{port}"})
+        c = client(p.url, "sk-flight")
+        msgs = [{"role": "user", "content": "single flight and limits"}]
+
+        async def one(limit: int | None, delay: float) -> Any:
+            await asyncio.sleep(delay)
+            extra = {} if limit is None else {"max_tokens": limit}
+            return await c.chat.completions.create(model="auto", messages=msgs, **extra)
+
+        a, b = await asyncio.gather(one(leader, 0), one(follower, 0.1))
+        for limit, r in ((leader, a), (follower, b)):
+            words = len(r.choices[0].message.content.split())
+            if limit is None:
+                assert words == 24 and r.choices[0].finish_reason == "stop"
+            else:
+                assert words == limit and r.choices[0].finish_reason == "length"
+        assert mock.requests == 2
+    finally:
+        await runner.cleanup()
+
+
+# -- Medium 6: connection hygiene ----------------------------------------------------------------
+
+
+def serve(tiers: Any, **env: str) -> tuple[Any, str]:
+    """``python -m proxy serve`` in front of the small mock tier, with EDGE_PROXY_* overrides."""
+    port = free_port()
+    proc = run_cli("serve", "--port", str(port), "--tier", f"small={tiers['small'].url}",
+                   env={"EDGE_PROXY_ROUTER__ENABLED": "false", **env})
+    return proc, f"http://127.0.0.1:{port}"
+
+
+async def open_slow(url: str, n: int, data: bytes) -> list[Any]:
+    host, port = url.removeprefix("http://").split(":")
+    conns = []
+    for _ in range(n):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(data)
+        conns.append((reader, writer))
+    return conns
+
+
+async def closed_by_server(reader: asyncio.StreamReader, wait: float) -> bool:
+    """True when the server closes the connection (EOF, possibly after an error answer)."""
+    try:
+        async with asyncio.timeout(wait):
+            while await reader.read(65536):
+                pass
+        return True
+    except (TimeoutError, ConnectionResetError):
+        return False
+
+
+async def test_slowloris_heads_are_closed_and_others_served(tiers: Any) -> None:
+    """Before: connections that sent half a request head were never timed out (1,000 of them
+    were all still open after 100 s). Now each is closed once server.idle_timeout_s passes
+    without a complete head, idle keep-alive connections too, while normal requests go on."""
+    proc, url = serve(tiers, EDGE_PROXY_SERVER__IDLE_TIMEOUT_S="1")
+    try:
+        await wait_http(url + "/readyz", proc, timeout=60)
+        half = b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nContent-Ty"
+        slow = await open_slow(url, 50, half)
+        idle = await open_slow(url, 1, b"GET /healthz HTTP/1.1\r\nHost: p\r\n\r\n")
+        assert await ask(url, "sk-normal", "served beside slowloris") == "miss"
+        results = await asyncio.gather(*(closed_by_server(r, 15) for r, _ in slow + idle))
+        assert all(results), f"{results.count(False)} slow connections still open"
+        assert await ask(url, "sk-normal", "served beside slowloris") == "hit-exact"
+        for _, w in slow + idle:
+            w.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def test_connection_cap_answers_503(tiers: Any) -> None:
+    """Before: connections past the file limit made normal requests fail at accept. Now
+    past server.max_connections a new connection gets an OpenAI-style 503 and is closed."""
+    proc, url = serve(tiers, EDGE_PROXY_SERVER__MAX_CONNECTIONS="20",
+                      EDGE_PROXY_SERVER__IDLE_TIMEOUT_S="3")
+    try:
+        await wait_http(url + "/readyz", proc, timeout=60)
+        held = await open_slow(url, 20, b"POST /v1/chat/completions HTTP/1.1\r\n")
+        await asyncio.sleep(0.3)
+        out = await raw_http(url, raw_chat("over the cap"))
+        assert status_of(out) == 503, out[:300]
+        assert json_body(out)["error"]["code"] == "too_many_connections"
+        with pytest.raises(openai.InternalServerError):
+            await client(url, "sk-cap").chat.completions.create(
+                model="auto", messages=[{"role": "user", "content": "over the cap"}])
+        # the held connections time out; then requests are served again
+        assert all(await asyncio.gather(*(closed_by_server(r, 15) for r, _ in held)))
+        assert await ask(url, "sk-cap", "after the cap") == "miss"
+        for _, w in held:
+            w.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def test_slow_body_gets_a_408(make_proxy: Any) -> None:
+    p = await make_proxy(tier_names=("small",), server={"body_timeout_s": 0.5})
+    host, port = p.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nContent-Type: "
+                 b"application/json\r\nContent-Length: 500\r\n\r\n{\"model\": ")
+    async with asyncio.timeout(10):
+        out = await reader.read(65536)
+    writer.close()
+    assert status_of(out) == 408 and json_body(out)["error"]["code"] == "request_timeout"
+    assert p.proxy.flights == {}
+    assert await ask(p.url, "sk-x", "after a slow body") == "miss"
+
+
+@pytest.mark.parametrize("ctype", [b"text/plain", b"application/x-www-form-urlencoded",
+                                   b"multipart/form-data; boundary=x", None])
+async def test_non_json_content_types_get_a_415(make_proxy: Any, tiers: Any,
+                                                ctype: bytes | None) -> None:
+    """Before: a text/plain cross-site POST (no CORS preflight) was served: any web page could
+    spend tokens through a proxy on localhost. No Content-Type at all is what a page's fetch()
+    of a Blob sends, so it is refused too."""
+    p = await make_proxy(tier_names=("small",))
+    req = raw_chat("content type").replace(b"Content-Type: application/json\r\n",
+                                           b"" if ctype is None else b"Content-Type: " + ctype
+                                           + b"\r\n")
+    out = await raw_http(p.url, req)
+    assert status_of(out) == 415, out[:300]
+    assert json_body(out)["error"]["code"] == "unsupported_media_type"
+    assert tiers["small"].mock.requests == 0
+    ok = await raw_http(p.url, raw_chat("content type").replace(
+        b"application/json", b"Application/JSON; charset=utf-8"))
+    assert status_of(ok) == 200
+
+
+# -- Low: what an upstream may send --------------------------------------------------------------
+
+
+async def faults(tier: Any, **f: Any) -> None:
+    async with aiohttp.ClientSession() as s, s.post(tier.url + "/faults", json=f) as r:
+        assert r.status == 200
+
+
+async def test_upstream_redirects_are_not_followed(make_proxy: Any, tiers: Any) -> None:
+    """Before: a redirect to another host was followed (the request, with its prompt, went
+    there)."""
+    p = await make_proxy(tier_names=("small",))
+    await faults(tiers["small"], redirect=tiers["large"].url + "/v1/chat/completions", count=-1)
+    with pytest.raises(openai.APIStatusError) as info:
+        await client(p.url, "sk-r").chat.completions.create(
+            model="auto", messages=[{"role": "user", "content": "redirect me"}])
+    assert info.value.status_code == 502
+    assert tiers["large"].mock.requests == 0
+    assert len(p.proxy.cache.l1) == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_upstream_200_with_an_error_body_is_a_502(make_proxy: Any, tiers: Any,
+                                                        stream: bool) -> None:
+    p = await make_proxy(tier_names=("small",))
+    await faults(tiers["small"], ok_error="context length exceeded (upstream)", count=-1)
+    with pytest.raises(openai.APIError) as info:
+        r = await client(p.url, "sk-e").chat.completions.create(
+            model="auto", messages=[{"role": "user", "content": "error in a 200"}],
+            stream=stream)
+        if stream:
+            async for _ in r:  # type: ignore[union-attr]
+                pass
+    assert "context length exceeded (upstream)" in str(info.value)
+    if not stream:
+        assert getattr(info.value, "status_code", None) == 502
+    assert len(p.proxy.cache.l1) == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_upstream_answer_size_is_bounded(make_proxy: Any, stream: bool) -> None:
+    """Before: an upstream answer had no size limit (100 MB was relayed)."""
+    from proxy.mock_vllm import start_mock
+
+    mock, runner, port = await start_mock("small-8b", ttft_ms=1, tpot_ms=0, reply_tokens=5000)
+    try:
+        p = await make_proxy(tier_names=("small",),
+                             tier_urls={"small": f"http://127.0.0.1:{port}"},
+                             tier_options={"small": {"max_response_bytes": 8192}})
+        with pytest.raises(openai.APIError) as info:
+            r = await client(p.url, "sk-big").chat.completions.create(
+                model="auto", messages=[{"role": "user", "content": "a long one"}],
+                stream=stream)
+            if stream:
+                async for _ in r:  # type: ignore[union-attr]
+                    pass
+        assert "larger than 8192 bytes" in str(info.value)
+        assert len(p.proxy.cache.l1) == 0
+        assert p.proxy.flights == {}
+    finally:
+        await runner.cleanup()
+
+
+async def test_upstream_usage_of_wrong_types_and_long_sse_lines(make_proxy: Any,
+                                                                tiers: Any) -> None:
+    """Before: a usage with wrong types, or an SSE line over 512 KiB, gave a 500."""
+    p = await make_proxy(tier_names=("small",))
+    c = client(p.url, "sk-u")
+    await faults(tiers["small"], usage={"prompt_tokens": "lots", "completion_tokens": [1]},
+                 count=1)
+    r = await c.chat.completions.create(model="auto",
+                                        messages=[{"role": "user", "content": "odd usage"}])
+    assert r.choices[0].message.content  # served; tokens counted by the tokenizer
+    await faults(tiers["small"], long_line=600 * 1024, count=1)
+    with pytest.raises(openai.APIError) as info:
+        s = await c.chat.completions.create(
+            model="auto", messages=[{"role": "user", "content": "long line"}], stream=True)
+        async for _ in s:
+            pass
+    assert getattr(info.value, "status_code", 502) != 500
+    assert "internal" not in str(info.value).lower()
+    assert await ask(p.url, "sk-u", "after the faults") == "miss"
