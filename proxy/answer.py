@@ -118,10 +118,14 @@ def _build_sse(endpoint: str, body: dict[str, Any], include_usage: bool) -> byte
 
             frames.append(_frame(chunk({"role": msg.get("role", "assistant"), "content": ""},
                                        None)))
-            if msg.get("reasoning_content"):
-                frames.append(_frame(chunk({"reasoning_content": msg["reasoning_content"]}, None)))
+            for name in REASONING_FIELDS:  # under the name the upstream used (vLLM renamed it)
+                if msg.get(name):
+                    frames.append(_frame(chunk({name: msg[name]}, None)))
             if msg.get("content"):
                 frames.append(_frame(chunk({"content": msg["content"]}, None)))
+            for j, call in enumerate(msg.get("tool_calls") or ()):
+                # one delta per call, whole: what a client accumulating deltas rebuilds
+                frames.append(_frame(chunk({"tool_calls": [{"index": j, **call}]}, None)))
             frames.append(_frame(chunk({}, ch.get("finish_reason", "stop"))))
     else:
         obj = "text_completion"
@@ -152,13 +156,24 @@ def _count(x: Any) -> int:
     return x if isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 40 else 0
 
 
+#: Reasoning text fields of a message or delta: vLLM < 0.32 ``reasoning_content``, >= 0.32
+#: ``reasoning``. Both are stored and replayed under the name the upstream sent.
+REASONING_FIELDS: Final = ("reasoning_content", "reasoning")
+#: finish_reason values of a complete answer. vLLM answers a named tool_choice with its tool
+#: calls and "stop", an automatic or required one with "tool_calls": both are whole answers.
+COMPLETE: Final = frozenset({"stop", "tool_calls"})
+
+
 def is_complete(body: dict[str, Any]) -> bool:
-    """True when every choice finished with ``stop``: the only answers worth storing."""
+    """True when every choice finished (``stop``, or ``tool_calls``) without logprobs: the only
+    answers worth storing. Tool calls and reasoning are stored with the answer and replayed
+    faithfully (JSON as received; SSE with reasoning and tool-call deltas)."""
     choices = body.get("choices")
     if not choices:
         return False
     return all(
-        isinstance(c, dict) and c.get("finish_reason") == "stop" and c.get("logprobs") is None
+        isinstance(c, dict) and c.get("finish_reason") in COMPLETE and c.get("logprobs") is None
+        and not (c.get("message") or {}).get("function_call")
         for c in choices)
 
 
@@ -195,20 +210,24 @@ class StreamAssembler:
                 i = ch.get("index", 0)
                 acc = self.choices.get(i)
                 if acc is None:
-                    acc = self.choices[i] = {"parts": [], "reasoning": [], "role": "assistant",
-                                             "finish_reason": None}
+                    acc = self.choices[i] = {"parts": [], "role": "assistant", "tools": {},
+                                             "finish_reason": None,
+                                             **{name: [] for name in REASONING_FIELDS}}
                 if ch.get("logprobs") is not None:
                     self.cacheable = False
                 if self.endpoint == CHAT:
                     delta = ch.get("delta") or {}
-                    if delta.get("tool_calls") or delta.get("function_call"):
+                    if delta.get("function_call"):  # the legacy form: not stored
                         self.cacheable = False
+                    for call in delta.get("tool_calls") or ():
+                        self._tool_delta(acc["tools"], call)
                     if delta.get("role"):
                         acc["role"] = delta["role"]
                     if delta.get("content"):
                         acc["parts"].append(delta["content"])
-                    if delta.get("reasoning_content"):
-                        acc["reasoning"].append(delta["reasoning_content"])
+                    for name in REASONING_FIELDS:
+                        if delta.get(name):
+                            acc[name].append(delta[name])
                 else:
                     if ch.get("text"):
                         acc["parts"].append(ch["text"])
@@ -216,6 +235,26 @@ class StreamAssembler:
                     acc["finish_reason"] = ch["finish_reason"]
             except (AttributeError, TypeError):
                 self.cacheable = False
+
+    def _tool_delta(self, tools: dict[int, dict[str, Any]], call: Any) -> None:
+        """Merge one tool-call delta: id, type and name arrive once, arguments in pieces."""
+        if not isinstance(call, dict) or not isinstance(call.get("index", 0), int):
+            self.cacheable = False
+            return
+        acc = tools.setdefault(call.get("index", 0), {"id": None, "type": "function",
+                                                      "name": "", "arguments": []})
+        if isinstance(call.get("id"), str):
+            acc["id"] = call["id"]
+        if isinstance(call.get("type"), str):
+            acc["type"] = call["type"]
+        fn = call.get("function") or {}
+        if not isinstance(fn, dict):
+            self.cacheable = False
+            return
+        if isinstance(fn.get("name"), str):
+            acc["name"] += fn["name"]
+        if isinstance(fn.get("arguments"), str):
+            acc["arguments"].append(fn["arguments"])
 
     def body(self) -> dict[str, Any]:
         """The assembled non-streaming response body."""
@@ -226,8 +265,16 @@ class StreamAssembler:
             text = "".join(acc["parts"])
             if self.endpoint == CHAT:
                 msg: dict[str, Any] = {"role": acc["role"], "content": text}
-                if acc["reasoning"]:
-                    msg["reasoning_content"] = "".join(acc["reasoning"])
+                for name in REASONING_FIELDS:
+                    if acc[name]:
+                        msg[name] = "".join(acc[name])
+                if acc["tools"]:
+                    if not text:
+                        msg["content"] = None  # as vLLM's JSON answer with tool calls
+                    msg["tool_calls"] = [
+                        {"id": t["id"], "type": t["type"],
+                         "function": {"name": t["name"], "arguments": "".join(t["arguments"])}}
+                        for _, t in sorted(acc["tools"].items())]
                 choices.append({"index": i, "message": msg, "logprobs": None,
                                 "finish_reason": acc["finish_reason"]})
             else:

@@ -151,6 +151,10 @@ class CacheConfig:
     trust_namespace_header: bool = False
     #: Callers without a credential: "shared" (one anonymous namespace) or "refuse" (401).
     anonymous: str = "shared"
+    #: Sampled requests (temperature > 0 or unset, without a seed; or n > 1): "store" serves one
+    #: stored sample to every identical request (what saves money), "skip" neither looks up nor
+    #: stores them. Such responses carry ``x-cache-sampled: store|skip``.
+    sampled: str = "store"
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,13 @@ until reset with ``{}``):
   ok_error:    answer HTTP 200 with a vLLM error body carrying this message
   long_line:   streamed: send one SSE line of this many bytes after the first chunk
   health:      GET /health answers with this status (until reset; not counted)
+  reasoning:   "reasoning" (vLLM >= 0.32) or "reasoning_content" (older): add reasoning text under
+               that field name, in the message and in deltas
+
+Tool calls, as vLLM 0.32 answers them: a request with ``tools`` and a *named* ``tool_choice``
+({"type": "function", "function": {"name": N}}) gets one call of N with ``finish_reason: "stop"``;
+``tool_choice: "required"`` gets one call of the first tool with ``finish_reason: "tool_calls"``.
+Streamed, the call arrives as deltas: id, type and name first, then the arguments in pieces.
 
 With ``api_key`` set (``--api-key``), /v1/* needs ``Authorization: Bearer <key>`` and answers
 401 ``{"error": "Unauthorized"}`` otherwise, as ``vllm serve --api-key`` does.
@@ -197,6 +204,9 @@ class MockVLLM:
         finish = "stop"
         if isinstance(max_tokens, int) and max_tokens < len(words):
             words, finish = words[:max_tokens], "length"
+        tool, tool_finish = _tool_call(body) if endpoint == "chat" else (None, None)
+        if tool is not None and finish == "stop":
+            finish = tool_finish or finish
         prompt_tokens = _count_tokens(seed_obj)
         usage = fault.get("usage") or {
             "prompt_tokens": prompt_tokens, "completion_tokens": len(words),
@@ -209,8 +219,15 @@ class MockVLLM:
             await asyncio.sleep(tpot * len(words))
             text = " ".join(words)
             if endpoint == "chat":
-                choice = {"index": 0, "message": {"role": "assistant", "content": text,
-                                                  "tool_calls": []},
+                msg: dict[str, Any] = {"role": "assistant", "content": text, "tool_calls": []}
+                if tool is not None:
+                    msg["content"] = None
+                    msg["tool_calls"] = [{"id": _tool_id(words), "type": "function",
+                                          "function": {"name": tool,
+                                                       "arguments": _arguments(words)}}]
+                if fault.get("reasoning"):
+                    msg[fault["reasoning"]] = _reasoning(words)
+                choice = {"index": 0, "message": msg,
                           "logprobs": None, "finish_reason": finish, "stop_reason": None}
                 obj = "chat.completion"
             else:
@@ -254,6 +271,31 @@ class MockVLLM:
         if endpoint == "chat":
             await resp.write(frame({"index": 0, "delta": {"role": "assistant", "content": ""},
                                     "logprobs": None, "finish_reason": None}))
+            if fault.get("reasoning"):
+                thought = _reasoning(words)
+                for k in range(0, len(thought), 8):
+                    await resp.write(frame({"index": 0, "delta": {
+                        fault["reasoning"]: thought[k:k + 8]}, "logprobs": None,
+                        "finish_reason": None}))
+            tool, _ = _tool_call(body)
+            if tool is not None:
+                args = _arguments(words)
+                await resp.write(frame({"index": 0, "delta": {"tool_calls": [{
+                    "index": 0, "id": _tool_id(words), "type": "function",
+                    "function": {"name": tool, "arguments": ""}}]}, "logprobs": None,
+                    "finish_reason": None}))
+                for k in range(0, len(args), 10):
+                    await resp.write(frame({"index": 0, "delta": {"tool_calls": [{
+                        "index": 0, "function": {"arguments": args[k:k + 10]}}]},
+                        "logprobs": None, "finish_reason": None}))
+                await resp.write(frame({"index": 0, "delta": {}, "logprobs": None,
+                                        "finish_reason": finish, "stop_reason": None}))
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    await resp.write(frame(None, {"usage": usage}))
+                await resp.write(b"data: [DONE]\n\n")
+                self.completed += 1
+                await resp.write_eof()
+                return resp
         cut_after = fault.get("cut_after")
         step = max(1, self.chunk_tokens)
         for n, i in enumerate(range(0, len(words), step)):
@@ -292,6 +334,33 @@ class MockVLLM:
         self.completed += 1
         await resp.write_eof()
         return resp
+
+
+def _tool_call(body: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(tool name, finish_reason) vLLM 0.32 answers this request with, or (None, None)."""
+    tools = body.get("tools")
+    if not isinstance(tools, list) or not tools:
+        return None, None
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        return (name, "stop") if isinstance(name, str) else (None, None)
+    if choice == "required":
+        first = tools[0] if isinstance(tools[0], dict) else {}
+        return str((first.get("function") or {}).get("name", "tool")), "tool_calls"
+    return None, None
+
+
+def _arguments(words: list[str]) -> str:
+    return orjson.dumps({"query": " ".join(words[:6]), "limit": len(words)}).decode()
+
+
+def _tool_id(words: list[str]) -> str:
+    return "chatcmpl-tool-" + hashlib.blake2b(" ".join(words).encode(), digest_size=8).hexdigest()
+
+
+def _reasoning(words: list[str]) -> str:
+    return "Let me think: " + " ".join(reversed(words[:8])) + "."
 
 
 async def start_mock(model: str, host: str = "127.0.0.1", port: int = 0, **kwargs: Any

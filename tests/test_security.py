@@ -586,3 +586,113 @@ async def test_upstream_usage_of_wrong_types_and_long_sse_lines(make_proxy: Any,
     assert getattr(info.value, "status_code", 502) != 500
     assert "internal" not in str(info.value).lower()
     assert await ask(p.url, "sk-u", "after the faults") == "miss"
+
+
+# -- Medium 5: tool calls and reasoning, every vLLM shape ----------------------------------------
+
+TOOLS = [{"type": "function", "function": {
+    "name": "search_docs", "description": "Search the docs",
+    "parameters": {"type": "object", "properties": {"query": {"type": "string"},
+                                                    "limit": {"type": "integer"}}}}}]
+#: (request extras, mock faults) of each shape vLLM answers with
+SHAPES = {
+    # vLLM 0.32: a named tool_choice is answered with tool_calls and finish_reason "stop"
+    "named_tool_stop": ({"tools": TOOLS, "tool_choice": {"type": "function",
+                                                         "function": {"name": "search_docs"}}},
+                        {}),
+    "required_tool_calls": ({"tools": TOOLS, "tool_choice": "required"}, {}),
+    # vLLM 0.32 renamed reasoning_content to reasoning, in messages and deltas
+    "reasoning": ({}, {"reasoning": "reasoning"}),
+    "reasoning_content": ({}, {"reasoning": "reasoning_content"}),
+}
+REASONING = ("reasoning", "reasoning_content")
+
+
+async def answer_of(c: openai.AsyncOpenAI, text: str, stream: bool, extra: dict[str, Any]
+                    ) -> tuple[str, Any]:
+    """(x-cache, what the client sees: content, reasoning by field name, tool calls, finish)."""
+    msgs = [{"role": "user", "content": text}]
+    r = await c.chat.completions.with_raw_response.create(model="auto", messages=msgs,
+                                                          stream=stream, **extra)
+    if not stream:
+        ch = r.parse().choices[0]
+        m = ch.message
+        calls = [(t.id, t.function.name, t.function.arguments) for t in m.tool_calls or ()]
+        return r.headers["x-cache"], (m.content or "", {k: getattr(m, k, None) for k in
+                                                        REASONING}, calls, ch.finish_reason)
+    content, reasoning, tools, finish = "", dict.fromkeys(REASONING, ""), {}, None
+    async for chunk in r.parse():
+        for ch in chunk.choices:
+            d = ch.delta
+            content += d.content or ""
+            for k in REASONING:
+                reasoning[k] += getattr(d, k, None) or ""
+            for t in d.tool_calls or ():
+                acc = tools.setdefault(t.index, [None, "", ""])
+                acc[0] = t.id or acc[0]
+                if t.function is not None:
+                    acc[1] += t.function.name or ""
+                    acc[2] += t.function.arguments or ""
+            finish = ch.finish_reason or finish
+    calls = [tuple(v) for _, v in sorted(tools.items())]
+    return r.headers["x-cache"], (content, {k: v or None for k, v in reasoning.items()}, calls,
+                                  finish)
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("first_stream", [False, True])
+async def test_tool_calls_and_reasoning_are_stored_and_replayed_faithfully(
+        make_proxy: Any, tiers: Any, shape: str, first_stream: bool) -> None:
+    """Policy: an answer with tool calls or reasoning is stored like any complete answer and
+    replayed as it came, in both forms. Before: the streamed replay of a named tool_choice
+    answer dropped the tool call (an empty assistant message), and reasoning under vLLM 0.32's
+    name ``reasoning`` was lost in both directions."""
+    extra, fault = SHAPES[shape]
+    p = await make_proxy(tier_names=("small",))
+    if fault:
+        await faults(tiers["small"], **fault, count=-1)
+    c = client(p.url, "sk-tools")
+    text = f"shape {shape} first {'stream' if first_stream else 'json'}"
+    outcome, first = await answer_of(c, text, first_stream, extra)
+    assert outcome == "miss"
+    content, reasoning, calls, finish = first
+    if "tool" in shape:
+        assert calls and calls[0][1] == "search_docs" and json.loads(calls[0][2])["limit"] > 0
+        assert finish == ("stop" if shape == "named_tool_stop" else "tool_calls")
+    else:
+        assert content and reasoning[shape] and finish == "stop"
+        assert reasoning[{"reasoning": "reasoning_content"}.get(shape, "reasoning")] is None
+    for stream in (False, True):
+        outcome, again = await answer_of(c, text, stream, extra)
+        assert outcome == "hit-exact", (shape, stream)
+        assert again == first, (shape, stream)
+    assert tiers["small"].mock.requests == 1
+
+
+# -- Low: sampled answers ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["store", "skip"])
+async def test_sampled_answers_follow_an_explicit_policy(make_proxy: Any, tiers: Any,
+                                                         policy: str) -> None:
+    """Before: random samples were cached and replayed to everyone with no word of it. Now
+    cache.sampled decides, and x-cache-sampled says it on every sampled response."""
+    p = await make_proxy(tier_names=("small",), cache={"sampled": policy})
+    c = client(p.url, "sk-sampled")
+
+    async def go(text: str, **params: Any) -> tuple[str, str | None]:
+        r = await c.chat.completions.with_raw_response.create(
+            model="auto", messages=[{"role": "user", "content": text}], **params)
+        return r.headers["x-cache"], r.headers.get("x-cache-sampled")
+
+    for params in ({}, {"temperature": 0.7}, {"n": 2, "temperature": 0, "seed": 1}):
+        first, again = await go(f"sampled {params}", **params), await go(f"sampled {params}",
+                                                                          **params)
+        if policy == "store":
+            assert (first, again) == (("miss", "store"), ("hit-exact", "store")), params
+        else:
+            assert first == again == ("bypass", "skip"), params
+    # greedy, or seeded: the one answer, cached whatever the policy, no sampled header
+    for params in ({"temperature": 0}, {"temperature": 0.7, "seed": 7}):
+        assert await go(f"greedy {params}", **params) == ("miss", None)
+        assert await go(f"greedy {params}", **params) == ("hit-exact", None)
