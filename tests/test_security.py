@@ -548,7 +548,7 @@ async def test_upstream_answer_size_is_bounded(make_proxy: Any, stream: bool) ->
     """Before: an upstream answer had no size limit (100 MB was relayed)."""
     from proxy.mock_vllm import start_mock
 
-    mock, runner, port = await start_mock("small-8b", ttft_ms=1, tpot_ms=0, reply_tokens=5000)
+    _, runner, port = await start_mock("small-8b", ttft_ms=1, tpot_ms=0, reply_tokens=5000)
     try:
         p = await make_proxy(tier_names=("small",),
                              tier_urls={"small": f"http://127.0.0.1:{port}"},
