@@ -25,6 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from proxy.validate import EDGE_HEADERS, header_ok
 from tests.test_proxy import MSG
 
 #: Examples per property in CI; benchmarks/fuzz.py runs far more.
@@ -371,6 +372,16 @@ async def check_headers(session: aiohttp.ClientSession, base_url: str, raw: byte
                         headers: dict[str, str]) -> Outcome:
     """A valid body with odd headers: always a 200, headers only steer the cache."""
     o = check_shape(await send(session, base_url + CHAT_PATH, raw, headers))
+    # a header whose value would reach a key, a label or a log must be printable UTF-8 of a
+    # bounded length: otherwise the one allowed answer is a 400 naming that header
+    # (aiohttp's client sends a str header as UTF-8, so the proxy sees the same characters)
+    bad = [name for name, limit in EDGE_HEADERS
+           if name in headers and not header_ok(headers[name].strip(" \t"), limit)]
+    if bad:
+        if o.status != 400 or o.error is None or o.error["param"] not in bad:
+            raise FuzzFailure(f"headers {headers!r}: expected a 400 naming {bad}, got "
+                              f"{o.status}: {o.body[:200]!r}")
+        return o
     if o.status != 200:
         raise FuzzFailure(f"headers {headers!r} turned a valid request into {o.status}: "
                           f"{o.body[:200]!r}")
