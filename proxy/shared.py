@@ -118,7 +118,7 @@ def check_record(fields: Any) -> bytes:
     origin = fields.get(b"o", b"")
     if not isinstance(origin, bytes) or len(origin) > MAX_ORIGIN_BYTES:
         raise BadRecord("bad_value", "field 'o' is not a short origin id")
-    return op  # type: ignore[no-any-return]
+    return op
 
 
 def _clip_utf8(text: str, limit: int) -> bytes:

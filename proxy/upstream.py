@@ -448,7 +448,7 @@ class TierClient:
                     raw = await read_limited(resp, 65536, self.name)
                     detail = "upstream answered 200 with an error: " + \
                         error_from_upstream(502, raw).message.partition(": ")[2]
-                except (UpstreamFailure, aiohttp.ClientError, asyncio.TimeoutError):
+                except (TimeoutError, UpstreamFailure, aiohttp.ClientError):
                     pass
             resp.close()
             raise fail(upstream_unavailable(f"tier {self.name}: {detail}"), "content_type")
