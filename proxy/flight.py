@@ -21,7 +21,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 import orjson
@@ -38,13 +38,42 @@ log = logging.getLogger(__name__)
 PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 
 
+#: Bytes of SSE frames a stream keeps for identical requests that join late. Past it the flight
+#: takes no new joiners (they start their own call) and drops every frame all its subscribers
+#: have written, so a long stream holds about one frame per slow subscriber, not every frame.
+REPLAY_BYTES: Final = 256 * 1024
+
+
+class Cursor:
+    """One subscriber's position in a flight's frames (absolute index)."""
+
+    __slots__ = ("flight", "pos")
+
+    def __init__(self, flight: Flight) -> None:
+        self.flight = flight
+        self.pos = 0
+
+    def take(self) -> bytes:
+        """The frames this subscriber has not written yet (b"" if none), joined."""
+        f = self.flight
+        events = f.events
+        i = self.pos - f.base
+        if i >= len(events):
+            return b""
+        chunk = events[i] if len(events) - i == 1 else b"".join(events[i:])
+        self.pos = f.base + len(events)
+        if not f.replayable:
+            f._trim()
+        return chunk
+
+
 class Flight:
     """An upstream request shared by its subscribers."""
 
-    __slots__ = ("_changed", "_task", "auth", "body", "chain", "content_type", "done", "endpoint",
-                 "error", "events", "key", "metrics", "namespace", "on_complete", "on_finish",
-                 "payload",
-                 "started", "status", "stream", "subscribers", "tier", "usage_frame")
+    __slots__ = ("_changed", "_task", "auth", "base", "body", "buffered", "chain",
+                 "content_type", "cursors", "done", "endpoint", "error", "events", "key",
+                 "metrics", "namespace", "on_complete", "on_finish", "payload", "replayable",
+                 "started", "status", "stream", "streamed", "subscribers", "tier", "usage_frame")
 
     def __init__(self, key: Any, namespace: str, endpoint: str, payload: dict[str, Any],
                  stream: bool,
@@ -60,7 +89,12 @@ class Flight:
         self.metrics = metrics
         self.on_complete = on_complete
         self.on_finish = on_finish
-        self.events: list[bytes] = []       # SSE frames, as received (stream)
+        self.events: list[bytes] = []       # SSE frames, as received (stream), from ``base``
+        self.base = 0                       # absolute index of events[0]
+        self.buffered = 0                   # bytes in events
+        self.streamed = 0                   # bytes of every frame so far
+        self.replayable = True              # all frames kept: a late joiner can still join
+        self.cursors: set[Cursor] = set()
         self.usage_frame: bytes | None = None
         self.body: bytes | None = None      # JSON body (non-stream)
         self.content_type = "application/json"
@@ -82,14 +116,44 @@ class Flight:
         """Until something new is published."""
         await asyncio.shield(self._changed)
 
-    def subscribe(self) -> None:
-        self.subscribers += 1
+    @property
+    def joinable(self) -> bool:
+        """Can an identical request still join (and get every frame from the first)?"""
+        return not self.done and self.replayable
 
-    def unsubscribe(self) -> None:
+    def subscribe(self) -> Cursor:
+        """Join; the cursor reads the frames from the first one (streams)."""
+        self.subscribers += 1
+        cursor = Cursor(self)
+        self.cursors.add(cursor)
+        return cursor
+
+    def unsubscribe(self, cursor: Cursor | None = None) -> None:
         """A subscriber is gone; the last one to leave an unfinished flight cancels it."""
+        if cursor is not None:
+            self.cursors.discard(cursor)
+            if not self.replayable:
+                self._trim()
         self.subscribers -= 1
         if self.subscribers <= 0 and not self.done and self._task is not None:
             self._task.cancel()
+
+    def _trim(self) -> None:
+        """Drop the frames every subscriber has written (once no one can join any more)."""
+        low = min((c.pos for c in self.cursors), default=self.base + len(self.events))
+        drop = low - self.base
+        if drop > 0:
+            self.buffered -= sum(map(len, self.events[:drop]))
+            del self.events[:drop]
+            self.base = low
+
+    def _publish(self, frame: bytes) -> None:
+        self.events.append(frame)
+        self.buffered += len(frame)
+        self.streamed += len(frame)
+        if self.replayable and self.streamed > REPLAY_BYTES:
+            self.replayable = False
+            self._trim()
 
     # -- publisher side -------------------------------------------------------------------
     def _notify(self) -> None:
@@ -264,7 +328,7 @@ class Flight:
                         held = _with_fingerprint(held, obj["system_fingerprint"])
                 else:
                     if held is not None:
-                        self.events.append(held)
+                        self._publish(held)
                         held = None
                     if _finishes(obj):
                         # vLLM puts system_fingerprint on the finish chunk, or (asked for usage,
@@ -272,12 +336,12 @@ class Flight:
                         # not ask never sees: hold the finish chunk until the next event
                         held = frame
                     else:
-                        self.events.append(frame)
+                        self._publish(frame)
                 self.started = True
                 self._notify()
                 event = await _next_event(opened.resp)
             if held is not None:
-                self.events.append(held)
+                self._publish(held)
         except TimeoutError:
             opened.close(ok=False)
             self._fail(upstream_timeout(f"tier {self.tier.name}: stream stalled"))

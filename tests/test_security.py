@@ -696,3 +696,51 @@ async def test_sampled_answers_follow_an_explicit_policy(make_proxy: Any, tiers:
     for params in ({"temperature": 0}, {"temperature": 0.7, "seed": 7}):
         assert await go(f"greedy {params}", **params) == ("miss", None)
         assert await go(f"greedy {params}", **params) == ("hit-exact", None)
+
+
+# -- #9: a live stream keeps a bounded replay buffer ---------------------------------------------
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])  # a long stream: once is enough
+async def test_a_long_stream_keeps_a_bounded_buffer(make_proxy: Any) -> None:
+    """Before: a live stream kept every frame until it ended (6.6 MiB for 20,000 tokens).
+    Now past the replay buffer (proxy.flight.REPLAY_BYTES) it keeps only what a subscriber has
+    not written yet; identical requests that arrive later start their own call, and every
+    client gets the whole answer."""
+    from proxy.flight import REPLAY_BYTES
+    from proxy.mock_vllm import start_mock
+
+    mock, runner, port = await start_mock("small-8b", ttft_ms=1, tpot_ms=0.1,
+                                          reply_tokens=8_000)
+    try:
+        p = await make_proxy(tier_names=("small",),
+                             tier_urls={"small": f"http://127.0.0.1:{port}"})
+        c = client(p.url, "sk-long")
+        msgs = [{"role": "user", "content": "a very long story"}]
+        held: list[int] = []
+        streamed: list[int] = []
+
+        async def watch() -> None:
+            while True:
+                for f in list(p.proxy.flights.values()):
+                    held.append(sum(map(len, f.events)))
+                    streamed.append(getattr(f, "streamed", held[-1]))
+                await asyncio.sleep(0.005)
+
+        async def read(late: bool) -> str:
+            if late:  # once the first flight holds more than its replay buffer
+                assert await _until(lambda: any(not f.replayable and not f.done
+                                                 for f in p.proxy.flights.values()), 30)
+            s = await c.chat.completions.create(model="auto", messages=msgs, stream=True)
+            return "".join([ch.choices[0].delta.content or "" async for ch in s if ch.choices])
+
+        watcher = asyncio.create_task(watch())
+        early, late = await asyncio.gather(read(False), read(True))
+        watcher.cancel()
+        assert len(early.split()) == len(late.split()) == 8_000 and early == late
+        assert max(streamed) > 3 * REPLAY_BYTES          # the stream was long
+        assert max(held) <= REPLAY_BYTES + 64 * 1024     # what the flight held was not
+        assert mock.requests == 2                        # the late one made its own call
+        assert p.proxy.flights == {}
+    finally:
+        await runner.cleanup()
