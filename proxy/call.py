@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
+from proxy.validate import header_ok
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -27,7 +29,10 @@ _rid_counter = itertools.count(1)
 def request_id(request: web.Request) -> str:
     """The client's x-request-id, else this process's random prefix + a counter: unique across
     sidecars, and a third of the cost of 12 random bytes per request."""
-    return request.headers.get("x-request-id") or f"{_RID_PREFIX}{next(_rid_counter):010x}"
+    rid = request.headers.get("x-request-id")
+    if rid and header_ok(rid, 128):
+        return rid
+    return f"{_RID_PREFIX}{next(_rid_counter):010x}"  # (a bad one also gets a 400: check_headers)
 
 
 def cache_directives(cache_control: str | None) -> tuple[bool, bool]:
@@ -47,8 +52,8 @@ class Call:
 
     __slots__ = ("body", "endpoint", "flight_key", "include_usage", "indexed", "keys", "lookup",
                  "max_tokens", "model", "namespace", "outcome", "request", "request_id",
-                 "route_score", "routed", "similarity", "store", "stored_tier", "stream", "t0",
-                 "tier", "vec")
+                 "route_score", "routed", "sampled", "similarity", "store", "stored_tier",
+                 "stream", "t0", "tier", "vec")
 
     def __init__(self, request: web.Request, endpoint: str, t0: float) -> None:
         self.request = request
@@ -66,13 +71,15 @@ class Call:
         self.store = False                  # may its answer be stored
         self.namespace = ""
         self.keys: RequestKeys | None = None
-        self.flight_key: tuple[bytes, bool] | None = None  # identical requests share a flight
+        # identical requests (same key, form and token limit) share a flight
+        self.flight_key: tuple[bytes, bool, int | None] | None = None
         self.vec: np.ndarray | None = None  # the query's embedding (semantic layer, router)
         self.outcome = ""                   # x-cache: hit-exact, hit-semantic, miss, bypass
         self.route_score: str | None = None
         self.similarity: str | None = None
         self.stored_tier: str | None = None  # its answer was stored, made by this tier
         self.indexed = False                # its vector went into the semantic index
+        self.sampled: str | None = None     # cache.sampled, for a sampled request
 
     def headers(self) -> dict[str, str]:
         """The proxy's response headers for this request, as far as it got."""
@@ -87,4 +94,6 @@ class Call:
             h["x-route-score"] = self.route_score
         if self.similarity is not None:
             h["x-cache-similarity"] = self.similarity
+        if self.sampled is not None:
+            h["x-cache-sampled"] = self.sampled
         return h

@@ -19,14 +19,21 @@ from proxy.call import Call, cache_directives
 from proxy.config import Config
 from proxy.errors import ProxyError, model_not_found, payload_too_large, sse_error_event
 from proxy.exact import ExactCache
-from proxy.flight import Flight, cancel_all, drain
+from proxy.flight import Cursor, Flight, cancel_all, drain
 from proxy.keys import CHAT, COMPLETIONS, namespace_of, request_keys
 from proxy.metrics import Metrics
 from proxy.router import Router
 from proxy.semantic.cache import SemanticCache
 from proxy.shadow import Traffic
 from proxy.upstream import TierClient
-from proxy.validate import check_content_length, parse_json, validate
+from proxy.validate import (
+    body_timeout,
+    check_content_length,
+    check_content_type,
+    check_headers,
+    parse_json,
+    validate,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -40,6 +47,16 @@ _DONE: Final = b"data: [DONE]\n\n"
 #: A miss's vector goes into the semantic index this long after its answer is stored: the
 #: waiting responses are written first.
 INDEX_DELAY_S: Final = 0.001
+
+
+def is_sampled(body: dict[str, Any]) -> bool:
+    """A random sample rather than the model's one answer: several choices (n > 1), or a
+    temperature above 0 (vLLM's default when unset is 1) without a seed."""
+    n = body.get("n")
+    if isinstance(n, int) and n > 1:
+        return True
+    t = body.get("temperature")
+    return (t is None or t > 0) and body.get("seed") is None
 
 
 def _prompt_text(endpoint: str, body: dict[str, Any]) -> str:
@@ -197,12 +214,18 @@ class Proxy:
 
     async def _read_body(self, call: Call) -> None:
         """Read, bound, parse and validate the JSON body."""
-        request, limit = call.request, self.config.server.max_body_bytes
+        request, cfg = call.request, self.config.server
+        limit = cfg.max_body_bytes
+        check_headers(request.headers)
+        check_content_type(request.headers.get("Content-Type"))
         check_content_length(request.content_length, limit)
         try:
-            raw = await request.read()
+            async with asyncio.timeout(cfg.body_timeout_s):
+                raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise payload_too_large(limit) from None
+        except TimeoutError:
+            raise body_timeout(cfg.body_timeout_s) from None
         if len(raw) > limit:  # a chunked body has no Content-Length
             raise payload_too_large(limit)
         call.body = body = parse_json(raw)
@@ -219,16 +242,24 @@ class Proxy:
                                              .get("include_usage"))
         call.max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
         lookup, store = cache_directives(headers.get("Cache-Control"))
-        cache_on = self.config.cache.enabled
+        cache_cfg = self.config.cache
+        cache_on = cache_cfg.enabled
+        if is_sampled(body):  # one stored sample served to every identical request, or none
+            call.sampled = cache_cfg.sampled
+            cache_on = cache_on and cache_cfg.sampled == "store"
         call.lookup, call.store = lookup and cache_on, store and cache_on
         call.namespace = namespace_of(headers.get("x-cache-namespace"),
-                                      headers.get("Authorization"))
+                                      headers.get("Authorization"),
+                                      trust_header=cache_cfg.trust_namespace_header,
+                                      anonymous=cache_cfg.anonymous)
         if call.store or call.lookup:
             key_model = (f"{model}\x1f{self.auto_identity}" if call.routed
                          else self.key_model.get(call.tier, model))
             call.keys = keys = request_keys(call.namespace, call.endpoint, key_model, body)
             if call.store:
-                call.flight_key = (keys.exact, stream)
+                # only requests with the same token limit share a flight: another limit could
+                # get an answer longer than it allows, or one cut short it did not ask for
+                call.flight_key = (keys.exact, stream, call.max_tokens)
 
     def _l1_lookup(self, call: Call) -> CachedAnswer | None:
         assert call.keys is not None
@@ -243,7 +274,7 @@ class Proxy:
         if call.flight_key is None:
             return None
         flight = self.flights.get(call.flight_key)
-        return None if flight is None or flight.done else flight
+        return None if flight is None or not flight.joinable else flight
 
     def _speculate(self, call: Call) -> bool:
         """Start the upstream call before the embedding is ready? Only when the semantic layer
@@ -400,13 +431,13 @@ class Proxy:
 
     async def _answer(self, call: Call, flight: Flight) -> web.StreamResponse:
         """Subscribe to the flight and answer from it: streamed as it comes, or the JSON body."""
-        flight.subscribe()
+        cursor = flight.subscribe()
         try:
             if call.stream:
-                return await self._stream_out(call, flight)
+                return await self._stream_out(call, flight, cursor)
             await drain(flight)
         finally:
-            flight.unsubscribe()
+            flight.unsubscribe(cursor)
         if flight.error is not None:
             raise flight.error
         assert flight.body is not None and flight.tier is not None
@@ -415,7 +446,8 @@ class Proxy:
                                      time.perf_counter() - call.t0)
         return web.Response(body=flight.body, content_type=JSON, headers=call.headers())
 
-    async def _stream_out(self, call: Call, flight: Flight) -> web.StreamResponse:
+    async def _stream_out(self, call: Call, flight: Flight, cursor: Cursor
+                          ) -> web.StreamResponse:
         """Write a flight's events to one client as they arrive."""
         while not flight.started and not flight.done:
             await flight.wait()
@@ -428,14 +460,10 @@ class Proxy:
         await resp.prepare(call.request)
         self.metrics.observe_request(call.endpoint, call.outcome, call.tier,
                                      time.perf_counter() - call.t0)
-        sent = 0
         try:
             while True:
-                events = flight.events
-                if sent < len(events):
-                    # everything already there in one write
-                    chunk = b"".join(events[sent:]) if len(events) - sent > 1 else events[sent]
-                    sent = len(events)
+                chunk = cursor.take()  # everything already there, in one write
+                if chunk:
                     await resp.write(chunk)
                     continue
                 if flight.done:
