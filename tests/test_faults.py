@@ -314,7 +314,8 @@ async def test_slow_body_is_read_and_an_abandoned_body_leaks_nothing(make_proxy:
     for _ in range(5):  # the body stops half-way and the client leaves
         with contextlib.suppress(aiohttp.ClientError, ConnectionAbortedError):
             async with aiohttp.ClientSession() as s:
-                await s.post(p.url + CHAT, data=_trickle(raw, 0.01, stop_after=3))
+                await s.post(p.url + CHAT, data=_trickle(raw, 0.01, stop_after=3),
+                             headers={"Content-Type": "application/json"})
     got, _, _ = await post(p.url, body("after abandoned bodies"))
     assert got == 200
     await leaks.check()

@@ -557,7 +557,8 @@ async def _chunked(data: bytes) -> AsyncIterator[bytes]:
 async def test_limit_max_body_bytes_chunked_well_over(limited: Fuzz) -> None:
     raw = encode(_chat(chars=10))
     big = raw[:-1] + b" " * 10_000 + b"}"
-    async with limited.session.post(limited.url + CHAT_PATH, data=_chunked(big)) as r:
+    async with limited.session.post(limited.url + CHAT_PATH, data=_chunked(big),
+                                    headers={"Content-Type": "application/json"}) as r:
         assert r.status == 413
         assert (await r.json())["error"]["code"] == "payload_too_large"
 
@@ -567,7 +568,8 @@ async def test_limit_max_body_bytes_chunked_one_over(limited: Fuzz) -> None:
     pad = LIMITS["max_body_bytes"] + 1 - len(raw)
     over = raw[:-1] + b" " * pad + b"}"
     assert len(over) == LIMITS["max_body_bytes"] + 1
-    async with limited.session.post(limited.url + CHAT_PATH, data=_chunked(over)) as r:
+    async with limited.session.post(limited.url + CHAT_PATH, data=_chunked(over),
+                                    headers={"Content-Type": "application/json"}) as r:
         assert r.status == 413
 
 

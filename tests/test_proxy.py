@@ -132,6 +132,9 @@ async def test_max_tokens_smaller_than_cached_answer_goes_upstream(make_proxy, t
     assert r.headers["x-cache"] == "miss"
 
 
+JSON_CT = {"Content-Type": "application/json"}
+
+
 async def test_unknown_model_and_bad_input(make_proxy) -> None:
     p = await make_proxy()
     client = p.client()
@@ -145,13 +148,13 @@ async def test_unknown_model_and_bad_input(make_proxy) -> None:
         await client.chat.completions.create(model="auto", messages=MSG, temperature="hot")
     assert exc.value.body["param"] == "temperature"
     async with aiohttp.ClientSession() as s:
-        async with s.post(p.url + "/v1/chat/completions", data=b"{not json") as r:
+        async with s.post(p.url + "/v1/chat/completions", data=b"{not json", headers=JSON_CT) as r:
             body = await r.json()
             assert r.status == 400 and body["error"]["code"] == "invalid_json"
         async with s.post(p.url + "/v1/chat/completions", json=[1, 2]) as r:
             assert r.status == 400
         big = b'{"model":"auto","messages":[{"role":"user","content":"' + b"x" * (5 << 20) + b'"}]}'
-        async with s.post(p.url + "/v1/chat/completions", data=big) as r:
+        async with s.post(p.url + "/v1/chat/completions", data=big, headers=JSON_CT) as r:
             assert r.status == 413 and (await r.json())["error"]["code"] == "payload_too_large"
         async with s.get(p.url + "/v1/nothing") as r:
             assert r.status == 404 and "error" in await r.json()
