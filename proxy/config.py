@@ -170,11 +170,14 @@ class SemanticConfig:
     verifier_weights: str = ""
     #: Path of the int8 ONNX model; empty = models/minilm-l6-int8.onnx (or $EDGE_PROXY_MODEL).
     model_path: str = ""
-    #: Embedder LRU of text -> vector, entries.
+    #: Embedder LRU of text digest -> vector, entries (~1.7 KB each, whatever the text length).
     embed_cache_size: int = 10_000
     #: Skip the semantic lookup when the embedder's estimated wait for this query's vector (queue
     #: + its own embedding) is over this, rather than queue (0 = never skip).
     embed_deadline_s: float = 0.010
+    #: Longest query (last user message, characters) the semantic layer embeds and stores;
+    #: longer ones use the exact cache only. Bounds the query text kept per semantic entry.
+    max_query_chars: int = 2048
     #: Longest actual wait for a query's embedding; past it the request skips the semantic layer
     #: (and the router uses its text-only features) instead of queueing behind a busy embedder.
     embed_timeout_s: float = 0.020

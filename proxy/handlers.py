@@ -541,5 +541,8 @@ class Proxy:
                 self.metrics.breaker_open.labels(name, ep.url).set(ep.state != ep.CLOSED)
         if self.semantic is not None:
             self.semantic.update_gauges()
-        return web.Response(body=self.metrics.render(),
+        # rendered in a worker thread: the loop is never held for the whole text (prometheus
+        # objects lock their own state; HotPath hands out snapshots of its dicts)
+        body = await asyncio.to_thread(self.metrics.render)
+        return web.Response(body=body,
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})

@@ -133,8 +133,14 @@ class SemanticCache:
 
     # -- the request path --------------------------------------------------------------------
     def eligible(self, query: str) -> bool:
-        """Does this query take part in the semantic layer? (Time-sensitive ones do not.)"""
-        return bool(query) and not (self.bypass is not None and self.bypass.search(query))
+        """Does this query take part in the semantic layer? Not when time-sensitive, nor when
+        longer than ``semantic.max_query_chars``: the embedding sees only its first tokens, so
+        two long texts differing further on look identical, and only the verifier on the
+        whole texts would tell them apart; keeping whole long texts per entry is what made
+        memory grow with prompt length. Long prompts are served by the exact cache only."""
+        if not query or len(query) > self.cfg.max_query_chars:
+            return False
+        return not (self.bypass is not None and self.bypass.search(query))
 
     def threshold(self, namespace: str, requested: str | None) -> float:
         """The threshold for a request: config, raised by the namespace's and the header's."""

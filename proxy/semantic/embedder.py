@@ -76,6 +76,12 @@ class ModelChecksumError(RuntimeError):
 
 
 @dataclass
+def text_key(text: str) -> bytes:
+    """The LRU's key of a text: a 16-byte digest, so the LRU's memory does not grow with
+    prompt length (whole prompts as keys: +920 MiB for 300 long prompts, issue 11)."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
 class EmbedderStats:
     """Counters for metrics; mutated on the loop (calls, hits) and the worker (batches)."""
 
@@ -89,7 +95,8 @@ class EmbedderStats:
 
 
 class Embedder:
-    """Tokenizer + onnxruntime session in one worker thread, with an LRU of text -> vector."""
+    """Tokenizer + onnxruntime session in one worker thread, with an LRU of text digest ->
+    vector."""
 
     dim: int = 384
 
@@ -127,12 +134,13 @@ class Embedder:
         self.stats = EmbedderStats()
         #: moving average of the wall time of one embedding in a worker (s); 0 until measured
         self.service_s = 0.0
-        self._enqueued: dict[str, float] = {}  # text -> loop time it was queued (oldest first)
+        # text digest -> loop time it was queued (oldest first)
+        self._enqueued: dict[bytes, float] = {}
         self.ready = False
         self._session: Any = None
         self._tokenizer: Any = None
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._pending: dict[str, asyncio.Future[np.ndarray]] = {}
+        self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._pending: dict[bytes, asyncio.Future[np.ndarray]] = {}
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -217,16 +225,17 @@ class Embedder:
     def cached(self, text: str) -> np.ndarray | None:
         """The text's vector if the LRU has it (no worker, no wait; counted as a call and a
         cache hit), else None (not counted: ``embed`` follows)."""
-        vec = self._cache.get(text)
+        key = text_key(text)
+        vec = self._cache.get(key)
         if vec is not None:
-            self._cache.move_to_end(text)
+            self._cache.move_to_end(key)
             self.stats.calls += 1
             self.stats.cache_hits += 1
         return vec
 
     def has(self, text: str) -> bool:
         """Is the text's vector in the LRU (no wait for it)?"""
-        return text in self._cache
+        return text_key(text) in self._cache
 
     def estimate_s(self, text: str | None = None) -> float:
         """Seconds a text queued now would wait before a worker starts on it (0 for one in the
@@ -239,7 +248,7 @@ class Embedder:
         counted: with an idle queue a lookup is always tried (and the moving average stays
         current), ``semantic.embed_timeout_s`` bounds the rest.
         """
-        if text is not None and (text in self._cache or text in self._pending):
+        if text is not None and ((key := text_key(text)) in self._cache or key in self._pending):
             return 0.0
         ahead = len(self._pending)
         if ahead < self.workers:
@@ -257,19 +266,21 @@ class Embedder:
         completes and lands in the cache.
         """
         self.stats.calls += 1
-        vec = self._cache.get(text)
+        # keyed by a digest, not the text: the LRU's memory does not grow with prompt length
+        key = text_key(text)
+        vec = self._cache.get(key)
         if vec is not None:
-            self._cache.move_to_end(text)
+            self._cache.move_to_end(key)
             self.stats.cache_hits += 1
             return vec
-        fut = self._pending.get(text)
+        fut = self._pending.get(key)
         if fut is None:
             if not self._threads or self._loop is None:
                 raise RuntimeError("Embedder.start() has not been awaited")
             fut = self._loop.create_future()
-            self._pending[text] = fut
-            self._enqueued[text] = self._loop.time()
-            fut.add_done_callback(functools.partial(self._done, text))
+            self._pending[key] = fut
+            self._enqueued[key] = self._loop.time()
+            fut.add_done_callback(functools.partial(self._done, key))
             self._queue.put((text, fut))
         else:
             self.stats.coalesced += 1
@@ -277,11 +288,11 @@ class Embedder:
         # others; wait_for on a future adds only a timer, no task
         return await asyncio.wait_for(asyncio.shield(fut), timeout)
 
-    def _done(self, text: str, fut: asyncio.Future[np.ndarray]) -> None:
-        self._pending.pop(text, None)
-        self._enqueued.pop(text, None)
+    def _done(self, key: bytes, fut: asyncio.Future[np.ndarray]) -> None:
+        self._pending.pop(key, None)
+        self._enqueued.pop(key, None)
         if not fut.cancelled() and fut.exception() is None:
-            self._cache[text] = fut.result()
+            self._cache[key] = fut.result()
             if len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
 

@@ -33,7 +33,7 @@ _USEARCH_KIND: Final = {"f16": ScalarKind.F16, "f32": ScalarKind.F32, "i8": Scal
 DEFAULT_CONNECTIVITY: Final = 16
 DEFAULT_EXPANSION_ADD: Final = 128
 DEFAULT_EXPANSION_SEARCH: Final = 32
-MIN_BLOCK: Final = 8
+MIN_BLOCK: Final = 1  # a new scope starts with one row and doubles: small scopes stay small
 # usearch HNSW node besides the vector (connectivity 16): level-0 neighbour list
 # (2 * connectivity u32), the upper levels, key, level, lock bits and the key-lookup table.
 # Calibrated on RSS at 1M entries (benchmarks/README.md).
