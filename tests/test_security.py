@@ -744,3 +744,47 @@ async def test_a_long_stream_keeps_a_bounded_buffer(make_proxy: Any) -> None:
         assert p.proxy.flights == {}
     finally:
         await runner.cleanup()
+
+
+# -- #7, #8: memory bounded by bytes, not by prompt length or scope count ------------------------
+
+
+async def test_long_prompts_keep_no_text(make_proxy: Any) -> None:
+    """Before: whole prompts (up to 400k characters) were kept as embedder-LRU keys and as the
+    query text of semantic entries (300 long prompts: +920 MiB RSS). Now the LRU is keyed by a
+    16-byte digest and queries over semantic.max_query_chars use the exact cache only."""
+    p = await make_proxy(tier_names=("small",), semantic={"max_query_chars": 2048})
+    sem = p.proxy.semantic
+    long_text = "Summarize this. " + "lorem ipsum dolor sit amet " * 4000   # ~108k chars
+    assert await ask(p.url, "sk-long", long_text) == "miss"
+    assert await ask(p.url, "sk-long", long_text) == "hit-exact"     # the exact cache serves it
+    assert len(sem.index) == 0                                       # no entry kept its text
+    assert await ask(p.url, "sk-long", Q) == "miss"                  # a short query is indexed
+    assert await _until(lambda: len(sem.index) == 1)
+    keys = list(sem.embedder._cache)
+    assert keys and all(isinstance(k, bytes) and len(k) == 16 for k in keys)
+
+
+def test_small_scopes_start_small() -> None:
+    """Before: every new scope allocated an 8-row float16 block (6 KB), so 10,000 namespaces
+    took 6.5x the semantic memory of one. A scope now starts with one row and doubles."""
+    from proxy.semantic import SemanticEntry, SemanticIndex
+
+    rng = np.random.default_rng(1)
+    now = time.time()
+
+    def index_of(scopes: int, n: int = 512) -> SemanticIndex:
+        idx = SemanticIndex(capacity=4096, brute_force_max=1024)
+        for i in range(n):
+            v = rng.standard_normal(384).astype(np.float32)
+            idx.add(v / np.linalg.norm(v), SemanticEntry(
+                key=i.to_bytes(16, "big"), scope=(i % scopes).to_bytes(16, "big"),
+                namespace="key:x", query_text="q", tier="small", max_tokens=None,
+                created=now, expires=now + 60))
+        return idx
+
+    one, spread = index_of(1), index_of(512)
+    vectors = lambda idx: sum(sc.block.nbytes for sc in idx._scopes.values())  # noqa: E731
+    # 512 one-entry scopes hold 512 rows of vectors, as one scope of 512 does
+    assert vectors(spread) == vectors(one) == 512 * 384 * 2
+    assert spread.memory_bytes() <= 1.25 * one.memory_bytes()
