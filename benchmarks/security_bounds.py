@@ -31,7 +31,6 @@ import statistics
 import subprocess
 import sys
 import time
-import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +141,29 @@ async def bench_prompts(n: int, chars: int) -> dict[str, Any]:
 # -- metrics -------------------------------------------------------------------------------------
 
 
-def bench_metrics(namespaces: int) -> dict[str, Any]:
+async def _loop_lag(render: Any, rounds: int = 10) -> float:
+    """Longest delay of a 1 ms ticker on the loop while /metrics renders as the proxy does it
+    (asyncio.to_thread): how long a scrape holds the event loop."""
+    worst = 0.0
+    done = asyncio.Event()
+
+    async def tick() -> None:
+        nonlocal worst
+        while not done.is_set():
+            t0 = time.perf_counter()
+            await asyncio.sleep(0.001)
+            worst = max(worst, time.perf_counter() - t0 - 0.001)
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0.05)
+    for _ in range(rounds):
+        await asyncio.to_thread(render)
+    done.set()
+    await ticker
+    return worst
+
+
+async def bench_metrics(namespaces: int) -> dict[str, Any]:
     from proxy.config import TierConfig
     from proxy.keys import namespace_of
     from proxy.metrics import Metrics
@@ -166,7 +187,10 @@ def bench_metrics(namespaces: int) -> dict[str, Any]:
             times.append(time.perf_counter() - t0)
         out[label] = {"bytes": len(text), "render_ms_median": round(
             statistics.median(times) * 1000, 3), "render_ms_max": round(max(times) * 1000, 3),
-            "max_namespaces": m.max_namespaces}
+            "max_namespaces": m.max_namespaces,
+            "loop_lag_ms_max": round(await _loop_lag(m.render) * 1000, 3)}
+    # the same ticker with nothing rendering: this machine's own scheduling noise
+    out["loop_lag_ms_max_idle"] = round(await _loop_lag(lambda: None) * 1000, 3)
     out["targets"] = {"bytes": 200_000, "render_ms": 10}
     return out
 
@@ -174,35 +198,44 @@ def bench_metrics(namespaces: int) -> dict[str, Any]:
 # -- semantic ------------------------------------------------------------------------------------
 
 
+_SEMANTIC_CHILD = """
+import gc, json, sys, time
+import numpy as np
+from proxy.semantic import SemanticEntry, SemanticIndex
+entries, scopes = int(sys.argv[1]), int(sys.argv[2])
+rng = np.random.default_rng(0)
+vecs = rng.standard_normal((entries, 384)).astype(np.float32)
+vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+texts = [f"question number {i} about something" for i in range(entries)]
+def rss():
+    with open("/proc/self/status") as fh:
+        return next(int(l.split()[1]) * 1024 for l in fh if l.startswith("VmRSS:"))
+gc.collect()
+before = rss()
+idx = SemanticIndex(capacity=entries * 2)
+now = time.time()
+for i in range(entries):
+    idx.add(vecs[i], SemanticEntry(key=i.to_bytes(16, "big"),
+            scope=(i % scopes).to_bytes(16, "big"), namespace=f"key:{i % scopes:016x}",
+            query_text=texts[i], tier="small", max_tokens=None, created=now,
+            expires=now + 3600))
+gc.collect()
+print(json.dumps({"rss_bytes": rss() - before, "memory_bytes": idx.memory_bytes()}))
+"""
+
+
 def bench_semantic(entries: int) -> dict[str, Any]:
-    import numpy as np
-
-    from proxy.semantic import SemanticEntry, SemanticIndex
-
-    rng = np.random.default_rng(0)
-    vecs = rng.standard_normal((entries, 384)).astype(np.float32)
-    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    """RSS growth of a fresh process while it indexes ``entries`` entries (vectors, usearch
+    graphs and Python bookkeeping included), in one scope and in one scope each."""
     out: dict[str, Any] = {"entries": entries}
     for label, scopes in (("one_scope", 1), ("one_per_scope", entries)):
-        gc.collect()
-        tracemalloc.start()
-        base = tracemalloc.get_traced_memory()[0]
-        idx = SemanticIndex(capacity=entries * 2)
-        now = time.time()
-        for i in range(entries):
-            scope = (i % scopes).to_bytes(16, "big")
-            idx.add(vecs[i], SemanticEntry(
-                key=i.to_bytes(16, "big"), scope=scope, namespace=f"key:{i % scopes:016x}",
-                query_text=f"question number {i} about something", tier="small",
-                max_tokens=None, created=now, expires=now + 3600))
-        gc.collect()
-        used = tracemalloc.get_traced_memory()[0] - base
-        tracemalloc.stop()
-        out[label] = {"scopes": scopes, "bytes": used, "bytes_per_entry": round(used / entries),
-                      "memory_bytes()": idx.memory_bytes()}
-        del idx
-    out["ratio_spread_vs_one"] = round(out["one_per_scope"]["bytes_per_entry"]
-                                       / out["one_scope"]["bytes_per_entry"], 2)
+        raw = subprocess.run([PY, "-c", _SEMANTIC_CHILD, str(entries), str(scopes)], cwd=ROOT,
+                             check=True, capture_output=True, text=True).stdout
+        r = json.loads(raw.strip().splitlines()[-1])
+        out[label] = {"scopes": scopes, "rss_bytes_per_entry": round(r["rss_bytes"] / entries),
+                      "memory_bytes_per_entry": round(r["memory_bytes"] / entries)}
+    out["ratio_spread_vs_one"] = round(out["one_per_scope"]["rss_bytes_per_entry"]
+                                       / out["one_scope"]["rss_bytes_per_entry"], 2)
     return out
 
 
@@ -279,7 +312,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     res: dict[str, Any] = {"machine": machine()}
     only = set(args.only or ("metrics", "semantic", "prompts", "slowloris"))
     if "metrics" in only:
-        res["metrics"] = bench_metrics(args.namespaces)
+        res["metrics"] = await bench_metrics(args.namespaces)
         print(json.dumps(res["metrics"], indent=1), flush=True)
     if "semantic" in only:
         res["semantic"] = bench_semantic(args.entries)
