@@ -184,10 +184,13 @@ class StreamAssembler:
     (tool calls, logprobs, an error event, an unexpected shape).
     """
 
-    __slots__ = ("cacheable", "choices", "endpoint", "head", "usage")
+    __slots__ = ("cacheable", "choices", "endpoint", "head", "null_content", "usage")
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, tool_choice: Any = None) -> None:
         self.endpoint = endpoint
+        # vLLM's JSON answer with tool calls and no text has content null when the model chose
+        # to call (tool_choice auto or unset), "" when it was made to (required or named)
+        self.null_content = tool_choice is None or tool_choice == "auto"
         self.head: dict[str, Any] | None = None
         self.choices: dict[int, dict[str, Any]] = {}
         self.usage: dict[str, Any] | None = None
@@ -269,8 +272,8 @@ class StreamAssembler:
                     if acc[name]:
                         msg[name] = "".join(acc[name])
                 if acc["tools"]:
-                    if not text:
-                        msg["content"] = None  # as vLLM's JSON answer with tool calls
+                    if not text and self.null_content:
+                        msg["content"] = None
                     msg["tool_calls"] = [
                         {"id": t["id"], "type": t["type"],
                          "function": {"name": t["name"], "arguments": "".join(t["arguments"])}}

@@ -291,7 +291,7 @@ class Flight:
 
     async def _tee(self, opened: OpenResponse, first: bytes) -> None:
         assert self.tier is not None
-        asm = StreamAssembler(self.endpoint)
+        asm = StreamAssembler(self.endpoint, self.payload.get("tool_choice"))
         event: bytes | None = first
         finished = False
         held: bytes | None = None  # a finish chunk waiting for the usage chunk's fingerprint

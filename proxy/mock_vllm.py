@@ -26,7 +26,9 @@ until reset with ``{}``):
 
 Tool calls, as vLLM 0.32 answers them: a request with ``tools`` and a *named* ``tool_choice``
 ({"type": "function", "function": {"name": N}}) gets one call of N with ``finish_reason: "stop"``;
-``tool_choice: "required"`` gets one call of the first tool with ``finish_reason: "tool_calls"``.
+``tool_choice: "required"`` (or an explicit "auto") gets one call of the first tool with
+``finish_reason: "tool_calls"``; the JSON message's content is "" beside a required or named
+call, null beside a chosen (auto) one, as vLLM 0.32 answers.
 Streamed, the call arrives as deltas: id, type and name first, then the arguments in pieces.
 
 With ``api_key`` set (``--api-key``), /v1/* needs ``Authorization: Bearer <key>`` and answers
@@ -221,7 +223,9 @@ class MockVLLM:
             if endpoint == "chat":
                 msg: dict[str, Any] = {"role": "assistant", "content": text, "tool_calls": []}
                 if tool is not None:
-                    msg["content"] = None
+                    # vLLM 0.32: "" beside calls it was made to do, null beside chosen ones
+                    msg["content"] = "" if body.get("tool_choice") not in (None, "auto") \
+                        else None
                     msg["tool_calls"] = [{"id": _tool_id(words), "type": "function",
                                           "function": {"name": tool,
                                                        "arguments": _arguments(words)}}]
@@ -345,7 +349,7 @@ def _tool_call(body: dict[str, Any]) -> tuple[str | None, str | None]:
     if isinstance(choice, dict):
         name = (choice.get("function") or {}).get("name")
         return (name, "stop") if isinstance(name, str) else (None, None)
-    if choice == "required":
+    if choice in ("required", "auto"):  # (auto: this mock always chooses to call)
         first = tools[0] if isinstance(tools[0], dict) else {}
         return str((first.get("function") or {}).get("name", "tool")), "tool_calls"
     return None, None

@@ -601,6 +601,7 @@ SHAPES = {
                                                          "function": {"name": "search_docs"}}},
                         {}),
     "required_tool_calls": ({"tools": TOOLS, "tool_choice": "required"}, {}),
+    "auto_tool_calls": ({"tools": TOOLS, "tool_choice": "auto"}, {}),
     # vLLM 0.32 renamed reasoning_content to reasoning, in messages and deltas
     "reasoning": ({}, {"reasoning": "reasoning"}),
     "reasoning_content": ({}, {"reasoning": "reasoning_content"}),
@@ -667,6 +668,10 @@ async def test_tool_calls_and_reasoning_are_stored_and_replayed_faithfully(
         assert outcome == "hit-exact", (shape, stream)
         assert again == first, (shape, stream)
     assert tiers["small"].mock.requests == 1
+    if "tool" in shape:  # the JSON form keeps vLLM's content: null beside chosen calls, else ""
+        r = await c.chat.completions.create(model="auto", messages=[
+            {"role": "user", "content": text}], **extra)
+        assert r.choices[0].message.content == (None if shape == "auto_tool_calls" else "")
 
 
 # -- Low: sampled answers ------------------------------------------------------------------------

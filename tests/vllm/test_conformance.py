@@ -127,13 +127,8 @@ async def test_seed(vllm: VLLMServer, make_vproxy: Any, endpoint: str) -> None:
     assert other.headers["x-cache"] == "miss"
 
 
-TOOL_REPLAY = pytest.mark.xfail(reason="a named-tool answer (finish_reason stop) is stored and "
-                                "its SSE replay drops tool_calls: issue 11 item 5", strict=False)
-
-
 @pytest.mark.parametrize(("choice", "stream"), [
-    pytest.param(c, s, id=f"{c}-{'stream' if s else 'json'}",
-                 marks=[TOOL_REPLAY] if (c, s) == ("named", False) else [])
+    pytest.param(c, s, id=f"{c}-{'stream' if s else 'json'}")
     for c in ("none", "auto", "required", "named") for s in (False, True)])
 async def test_tools(vllm: VLLMServer, make_vproxy: Any, choice: str, stream: bool) -> None:
     p = await make_vproxy(vllm)
