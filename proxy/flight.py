@@ -295,8 +295,6 @@ class Flight:
         event: bytes | None = first
         finished = False
         held: bytes | None = None  # a finish chunk waiting for the usage chunk's fingerprint
-
-
         limit, received = self.tier.cfg.max_response_bytes, 0
         try:
             while event is not None:

@@ -344,8 +344,8 @@ class Proxy:
         elif flight.subscribers > 0:
             self.metrics.speculative.labels("joined").inc()
         else:
-            flight.subscribe()
-            flight.unsubscribe()  # the last (only) subscriber leaving cancels the upstream call
+            # the last (only) subscriber leaving cancels the upstream call
+            flight.unsubscribe(flight.subscribe())
             self.metrics.speculative.labels("cancelled").inc()
             self.metrics.speculative_cancel.observe(time.perf_counter() - t_flight)
 

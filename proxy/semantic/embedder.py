@@ -75,13 +75,13 @@ class ModelChecksumError(RuntimeError):
     """The model file is not the pinned one."""
 
 
-@dataclass
 def text_key(text: str) -> bytes:
     """The LRU's key of a text: a 16-byte digest, so the LRU's memory does not grow with
     prompt length (whole prompts as keys: +920 MiB for 300 long prompts, issue 11)."""
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
+@dataclass
 class EmbedderStats:
     """Counters for metrics; mutated on the loop (calls, hits) and the worker (batches)."""
 
