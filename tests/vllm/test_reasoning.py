@@ -41,8 +41,6 @@ def think_request() -> dict[str, Any]:
             "messages": [{"role": "user", "content": f"Think {uuid.uuid4().hex[:8]}"}]}
 
 
-@pytest.mark.xfail(reason="vLLM 0.32 names the field `reasoning`; the cache's replays keep only "
-                   "`reasoning_content`: issue 11 item 5", strict=False)
 @pytest.mark.parametrize("stream", [False, True])
 async def test_reasoning(vllm_reasoning: VLLMServer, make_vproxy: Any, stream: bool) -> None:
     p = await make_vproxy(vllm_reasoning)
