@@ -477,6 +477,11 @@ def _check_server(s: ServerConfig) -> None:
     gct = s.gc_thresholds
     if gct and (len(gct) > 3 or gct[0] < 1 or any(t < 0 for t in gct)):
         raise ConfigError("server.gc_thresholds: up to three integers, the first >= 1")
+    for fname in ("idle_timeout_s", "body_timeout_s"):
+        if getattr(s, fname) <= 0:
+            raise ConfigError(f"server.{fname}: must be > 0")
+    if s.max_connections < 0:
+        raise ConfigError("server.max_connections: must be >= 0 (0 = from the file limit)")
 
 
 def _check_cache(c: CacheConfig) -> None:
@@ -485,6 +490,10 @@ def _check_cache(c: CacheConfig) -> None:
     if c.redis_url and urlsplit(c.redis_url).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(f"cache.redis_url: expected redis://, rediss:// or unix://, got "
                           f"{c.redis_url!r}")
+    if c.anonymous not in ("shared", "refuse"):
+        raise ConfigError(f"cache.anonymous: expected 'shared' or 'refuse', got {c.anonymous!r}")
+    if c.sampled not in ("store", "skip"):
+        raise ConfigError(f"cache.sampled: expected 'store' or 'skip', got {c.sampled!r}")
 
 
 def _check_semantic(sem: SemanticConfig) -> None:
@@ -494,6 +503,8 @@ def _check_semantic(sem: SemanticConfig) -> None:
     if sem.embed_priority not in ("idle", "nice", "normal"):
         raise ConfigError(f"semantic.embed_priority: expected idle, nice or normal, got "
                           f"{sem.embed_priority!r}")
+    if sem.max_query_chars < 1:
+        raise ConfigError("semantic.max_query_chars: must be >= 1")
     if sem.embed_timeout_s <= 0:
         raise ConfigError("semantic.embed_timeout_s: must be > 0")
     if sem.speculative_delay_s < 0:
