@@ -98,7 +98,7 @@ class Stack:
 
 
 def chat(text: str) -> dict[str, Any]:
-    return {"model": "auto", "messages": [{"role": "user", "content": text}], "max_tokens": 16}
+    return {"model": "auto", "messages": [{"role": "user", "content": text}], "max_tokens": 64}
 
 
 HEADERS = {"Authorization": "Bearer sk-bench", "Content-Type": "application/json"}
