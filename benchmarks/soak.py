@@ -83,6 +83,7 @@ class Load:
         self.errors: list[str] = []     # any failed request
         self.injected = 0
         self.latencies: list[float] = []
+        self.attacks: dict[str, int] = {}  # issue 11's attacks sent, by kind
 
     def pick(self) -> tuple[str, str]:
         """(kind, question): repeat 40%, paraphrase 20%, fresh 40% (fresh first, to seed)."""
@@ -140,6 +141,7 @@ async def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 6
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     env = {**os.environ, "EDGE_PROXY_CACHE__L1_MAX_ENTRIES": str(args.l1_entries),
+           "EDGE_PROXY_SERVER__IDLE_TIMEOUT_S": str(IDLE_TIMEOUT_S),
            "EDGE_PROXY_SEMANTIC__CAPACITY": str(args.semantic_capacity),
            "EDGE_PROXY_SEMANTIC__EMBED_CACHE_SIZE": str(args.semantic_capacity)}
     py = [sys.executable, "-m", "proxy"]
@@ -178,6 +180,52 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             log.close()
 
 
+#: issue 11's attacks, sent at a low rate beside the load; each has one expected answer
+ATTACKS = ("bad_namespace_byte", "text_plain_post", "cross_tenant_probe", "slowloris_head")
+IDLE_TIMEOUT_S = 5.0  # the proxy's server.idle_timeout_s in the soak
+
+
+async def attack(session: aiohttp.ClientSession, url: str, load: Load, kind: str) -> None:
+    """One attack; a wrong answer is an error of the run."""
+    load.attacks[kind] = load.attacks.get(kind, 0) + 1
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"model": "auto", "messages": [{"role": "user", "content": "hi"}]})
+    try:
+        if kind in ("bad_namespace_byte", "slowloris_head"):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            if kind == "bad_namespace_byte":
+                writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nConnection: "
+                             b"close\r\nContent-Type: application/json\r\nx-cache-namespace: "
+                             b"t\xff\r\nContent-Length: " + str(len(body)).encode()
+                             + b"\r\n\r\n" + body.encode())
+                async with asyncio.timeout(10):
+                    out = await reader.read()
+                if b" 400 " not in out.split(b"\r\n", 1)[0] or b"invalid_header" not in out:
+                    load.errors.append(f"attack {kind}: {out[:120]!r}")
+            else:  # half a head: the proxy must close it within its idle timeout
+                writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nContent-Ty")
+                async with asyncio.timeout(IDLE_TIMEOUT_S + 10):
+                    await reader.read()
+            writer.close()
+        elif kind == "text_plain_post":
+            async with session.post(url + "/v1/chat/completions", data=body,
+                                    headers={"Content-Type": "text/plain"}) as r:
+                if r.status != 415:
+                    load.errors.append(f"attack {kind}: HTTP {r.status}")
+        else:  # another tenant naming the soak's namespace must never get its entries
+            question = load.pairs[load.rng.choice(load.sent)][0] if load.sent else "hi"
+            n = sum(load.attacks.values())
+            async with session.post(url + "/v1/chat/completions", json={
+                    "model": "auto", "messages": [{"role": "user", "content": question}]},
+                    headers={"Authorization": f"Bearer sk-attacker-{n}",
+                             "x-cache-namespace": "anon"}) as r:
+                await r.read()
+                if r.status == 200 and r.headers.get("x-cache", "").startswith("hit"):
+                    load.errors.append(f"attack {kind}: {r.headers.get('x-cache')}")
+    except (TimeoutError, OSError, aiohttp.ClientError) as exc:
+        load.errors.append(f"attack {kind}: {type(exc).__name__}: {exc}")
+
+
 async def drive(args: argparse.Namespace, url: str, proxy: subprocess.Popen[bytes],
                 mocks: list[str]) -> dict[str, Any]:
     load = Load(load_pairs(args.pairs, args.seed), args.seed)
@@ -187,7 +235,7 @@ async def drive(args: argparse.Namespace, url: str, proxy: subprocess.Popen[byte
     tasks: set[asyncio.Task[None]] = set()
     connector = aiohttp.TCPConnector(limit=args.concurrency)
     t_start = time.monotonic()
-    next_sample = next_fault = 0.0
+    next_sample = next_fault = next_attack = 0.0
     async with aiohttp.ClientSession(connector=connector) as session:
 
         async def guarded() -> None:
@@ -212,6 +260,11 @@ async def drive(args: argparse.Namespace, url: str, proxy: subprocess.Popen[byte
                 if "delay_ms" not in fault:  # a delay is a fault that must not cause an error
                     load.injected += 1
                 next_fault += args.fault_every_s
+            if args.attack_every_s and elapsed >= next_attack and elapsed > 2:
+                a = asyncio.create_task(attack(session, url, load, load.rng.choice(ATTACKS)))
+                tasks.add(a)
+                a.add_done_callback(tasks.discard)
+                next_attack += args.attack_every_s
             task = asyncio.create_task(guarded())
             tasks.add(task)
             task.add_done_callback(tasks.discard)
@@ -248,7 +301,7 @@ def summarize(args: argparse.Namespace, load: Load, samples: list[dict[str, floa
         "exact_hit_rate": round(load.outcomes.get("hit-exact", 0) / served, 4) if served else 0,
         "semantic_hit_rate": round(load.outcomes.get("hit-semantic", 0) / served, 4)
         if served else 0,
-        "injected_faults": load.injected, "errors": len(load.errors),
+        "injected_faults": load.injected, "attacks": load.attacks, "errors": len(load.errors),
         "unexpected_errors": unexpected, "error_samples": load.errors[:10],
         "proxy_alive": alive,
         "rss_mib": {"first": samples[0]["rss_mib"], "start": warm["rss_mib"],
@@ -275,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--semantic-capacity", type=int, default=400)
     ap.add_argument("--sample-s", type=float, default=3.0, help="RSS/fd sampling period")
     ap.add_argument("--fault-every-s", type=float, default=5.0)
+    ap.add_argument("--attack-every-s", type=float, default=2.0,
+                    help="issue 11's attacks (bad header byte, text/plain POST, cross-tenant "
+                    "probe, slowloris head), one every this many seconds; 0 = none")
     ap.add_argument("--redis", default="", help="Redis URL for L2 (default: none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log", default="", help="file for the children's output")
