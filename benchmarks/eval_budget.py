@@ -80,8 +80,9 @@ def embed(texts: Sequence[str], tag: str) -> np.ndarray:
     vecs = check_model.embed_all(REPO / "models" / "minilm-l6-int8.onnx", list(texts), batch=32)
     RESULTS.mkdir(parents=True, exist_ok=True)
     np.save(path, vecs)
-    print(f"  embedded {len(texts)} texts ({tag}) in {time.perf_counter() - t0:.0f}s",
-          file=sys.stderr)
+    print(
+        f"  embedded {len(texts)} texts ({tag}) in {time.perf_counter() - t0:.0f}s", file=sys.stderr
+    )
     return vecs
 
 
@@ -109,8 +110,11 @@ def logits_for(query: list[str], cand: list[str], cos: np.ndarray, tag: str) -> 
 
     meta = json.loads((REPO / "models" / "pair_verifier.json").read_text())
     key = hashlib.sha1(
-        (meta["sha256"] + "\x01" + "\x00".join(q + "\x02" + c for q, c in zip(query, cand,
-                                                                            strict=True))).encode()
+        (
+            meta["sha256"]
+            + "\x01"
+            + "\x00".join(q + "\x02" + c for q, c in zip(query, cand, strict=True))
+        ).encode()
     ).hexdigest()[:16]
     path = RESULTS / f"logit_{tag}_{key}.npy"
     if path.exists():
@@ -121,8 +125,11 @@ def logits_for(query: list[str], cand: list[str], cos: np.ndarray, tag: str) -> 
     t0 = time.perf_counter()
     for i in np.flatnonzero(cos >= SCORE_FLOOR):
         out[i] = m.logit(query[i], cand[i])
-    print(f"  scored {int((cos >= SCORE_FLOOR).sum())} pairs ({tag}) in "
-          f"{time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    print(
+        f"  scored {int((cos >= SCORE_FLOOR).sum())} pairs ({tag}) in "
+        f"{time.perf_counter() - t0:.0f}s",
+        file=sys.stderr,
+    )
     np.save(path, out)
     return out
 
@@ -145,8 +152,16 @@ def qqp_set(split: str, n: int, seed: int = 0, with_logits: bool = True) -> Pair
     query, cand = [r[1] for r in pick], [r[0] for r in pick]
     lg = logits_for(query, cand, cos, f"qqp-{split}") if with_logits else np.full(len(cos), np.nan)
     return PairSet(
-        f"qqp/{split}", query, cand, cos, np.array([r[2] == 1 for r in pick]),
-        np.zeros(len(pick), bool), guard_ok(query, cand), lg, b, a,
+        f"qqp/{split}",
+        query,
+        cand,
+        cos,
+        np.array([r[2] == 1 for r in pick]),
+        np.zeros(len(pick), bool),
+        guard_ok(query, cand),
+        lg,
+        b,
+        a,
     )
 
 
@@ -160,12 +175,14 @@ def sparse_cache(u: pdata.Utterances, per_intent: int) -> pdata.Utterances:
         if seen[u.labels[i]] <= per_intent:
             keep.append(i)
     keep.sort()
-    return pdata.Utterances([u.texts[i] for i in keep], [u.labels[i] for i in keep],
-                            [u.oos[i] for i in keep])
+    return pdata.Utterances(
+        [u.texts[i] for i in keep], [u.labels[i] for i in keep], [u.oos[i] for i in keep]
+    )
 
 
-def intent_set(name: str, split: str, per_intent: int = 0, max_queries: int = 0,
-               with_logits: bool = True) -> PairSet:
+def intent_set(
+    name: str, split: str, per_intent: int = 0, max_queries: int = 0, with_logits: bool = True
+) -> PairSet:
     """Queries of ``split`` against the nearest entry of the train-part cache."""
     cache = pdata.load_intent(name, "train")
     if per_intent:
@@ -173,23 +190,36 @@ def intent_set(name: str, split: str, per_intent: int = 0, max_queries: int = 0,
     q = pdata.load_intent(name, split)
     if max_queries and len(q.texts) > max_queries:
         idx = sorted(np.random.default_rng(0).choice(len(q.texts), max_queries, replace=False))
-        q = pdata.Utterances([q.texts[i] for i in idx], [q.labels[i] for i in idx],
-                             [q.oos[i] for i in idx])
+        q = pdata.Utterances(
+            [q.texts[i] for i in idx], [q.labels[i] for i in idx], [q.oos[i] for i in idx]
+        )
     cv = embed(cache.texts, f"{name}-cache{per_intent or ''}")
     qv = embed(q.texts, f"{name}-{split}")
     s = qv @ cv.T
     nn = s.argmax(axis=1)
     cos = s[np.arange(len(nn)), nn]
     cand = [cache.texts[j] for j in nn]
-    correct = np.array([
-        (not o) and ql == cache.labels[j] and not cache.oos[j]
-        for ql, j, o in zip(q.labels, nn, q.oos, strict=True)
-    ])
+    correct = np.array(
+        [
+            (not o) and ql == cache.labels[j] and not cache.oos[j]
+            for ql, j, o in zip(q.labels, nn, q.oos, strict=True)
+        ]
+    )
     mode = f"sparse{per_intent}" if per_intent else "full"
     tag = f"{name}-{split}-{mode}"
     lg = logits_for(q.texts, cand, cos, tag) if with_logits else np.full(len(cos), np.nan)
-    return PairSet(f"{name}/{split}/{mode}", q.texts, cand, cos, correct, np.array(q.oos),
-                   guard_ok(q.texts, cand), lg, qv, cv[nn])
+    return PairSet(
+        f"{name}/{split}/{mode}",
+        q.texts,
+        cand,
+        cos,
+        correct,
+        np.array(q.oos),
+        guard_ok(q.texts, cand),
+        lg,
+        qv,
+        cv[nn],
+    )
 
 
 def pair_sets(split: str, quick: bool = False, with_logits: bool = True) -> list[PairSet]:
@@ -264,13 +294,19 @@ def error_upper(k: int, n: int, z: float = 1.0) -> float:
 
 
 def calibrate_cuts(
-    sets: list[PairSet], probs: list[np.ndarray], floor: float, guards: bool,
+    sets: list[PairSet],
+    probs: list[np.ndarray],
+    floor: float,
+    guards: bool,
     budgets: Sequence[float] = BUDGETS,
 ) -> list[dict[str, float]]:
     """Per budget: the lowest probability cut whose upper-bounded error on *every* calibration
     set is within the budget (the per-set max: no data set may pay for another's precision)."""
-    grid = np.unique(np.concatenate([np.quantile(p[p > 0], np.linspace(0, 1, 400))
-                                     for p in probs if (p > 0).any()]))
+    grid = np.unique(
+        np.concatenate(
+            [np.quantile(p[p > 0], np.linspace(0, 1, 400)) for p in probs if (p > 0).any()]
+        )
+    )
     grid = np.unique(np.r_[grid, np.linspace(0.5, 0.9999, 200)])
     rows = []
     for e in budgets:
@@ -300,8 +336,10 @@ def static_best(ps: PairSet, max_error: float, guards: bool = True) -> dict[str,
     for t in np.round(np.arange(0.60, 0.995, 0.005), 3):
         h = (ps.cos >= t) & (ps.guard_ok if guards else True)
         st = stats(ps, h)
-        if st["hits"] and st["error"] <= max_error + 1e-12 and (
-            best is None or st["hit_rate"] > best["hit_rate"]
+        if (
+            st["hits"]
+            and st["error"] <= max_error + 1e-12
+            and (best is None or st["hit_rate"] > best["hit_rate"])
         ):
             best = {"threshold": float(t), **st}
     return best
@@ -340,17 +378,27 @@ def replay(
     for k in range(4):
         sl = slice(k * q, (k + 1) * q if k < 3 else len(order))
         nh = int(hit[sl].sum())
-        quarters.append({
-            "hit_rate": nh / max(len(order[sl]), 1),
-            "error": 1 - int(right[sl].sum()) / nh if nh else 0.0,
-            "cut_end": cuts[sl][-1],
-        })
+        quarters.append(
+            {
+                "hit_rate": nh / max(len(order[sl]), 1),
+                "error": 1 - int(right[sl].sum()) / nh if nh else 0.0,
+                "cut_end": cuts[sl][-1],
+            }
+        )
     half = slice(len(order) // 2, len(order))
     nh2 = int(hit[half].sum())
     err2 = 1 - int(right[half].sum()) / nh2 if nh2 else 0.0
     # best static cosine threshold (guards on) with the same realised error, same half
-    sub = PairSet(ps.name, [], [], ps.cos[order[half]], ps.correct[order[half]],
-                  ps.oos[order[half]], ps.guard_ok[order[half]], ps.logit[order[half]])
+    sub = PairSet(
+        ps.name,
+        [],
+        [],
+        ps.cos[order[half]],
+        ps.correct[order[half]],
+        ps.oos[order[half]],
+        ps.guard_ok[order[half]],
+        ps.logit[order[half]],
+    )
     st = static_best(sub, err2)
     return {
         "budget": budget,
@@ -381,7 +429,7 @@ def latency(n: int = 300) -> dict[str, Any]:
         from machine import machine_info  # type: ignore[import-not-found]
 
         mach = machine_info()
-    except Exception:  # noqa: BLE001 - best effort: older checkouts have no machine.py
+    except Exception:
         mach = {}
     return {
         "p50_ms": float(np.percentile(ts, 50)),
@@ -406,8 +454,11 @@ def main(argv: list[str] | None = None) -> int:
     pm = PairModel()
     floor, guards, fusion = meta["similarity_floor"], meta.get("guards", True), meta["fusion"]
     sets = pair_sets("eval", quick=args.quick)
-    report: dict[str, Any] = {"budget": args.budget, "split": "eval", "meta": {
-        k: meta[k] for k in ("sha256", "fusion", "similarity_floor", "guards", "cuts")}}
+    report: dict[str, Any] = {
+        "budget": args.budget,
+        "split": "eval",
+        "meta": {k: meta[k] for k in ("sha256", "fusion", "similarity_floor", "guards", "cuts")},
+    }
     # 1. default budget, per set; calibration curve (budget -> realised error)
     per_set: dict[str, Any] = {}
     curve: dict[str, list[dict[str, float]]] = {}
@@ -417,15 +468,20 @@ def main(argv: list[str] | None = None) -> int:
         p = fuse(ps, fusion)
         st = stats(ps, hits(ps, p, pm.cut(args.budget), floor, guards))
         sb = static_best(ps, st["error"])
-        per_set[ps.name] = {"verifier": st, "static_same_error": sb,
-                            "cosine_only_nohit_guard": static_best(ps, st["error"], False)}
+        per_set[ps.name] = {
+            "verifier": st,
+            "static_same_error": sb,
+            "cosine_only_nohit_guard": static_best(ps, st["error"], False),
+        }
         curve[ps.name] = [
             {"budget": b, **stats(ps, hits(ps, p, pm.cut(b), floor, guards))} for b in BUDGETS
         ]
         oos = f"{st['oos_false_hit_rate']:.4f}" if "oos_false_hit_rate" in st else "  -   "
         sbs = f"thr {sb['threshold']:.3f} hit {sb['hit_rate']:.3f}" if sb else "none"
-        print(f"{ps.name:28s} {st['precision']:.4f} {st['hit_rate']:.4f} {st['recall']:.4f} "
-              f"{oos} | {sbs}")
+        print(
+            f"{ps.name:28s} {st['precision']:.4f} {st['hit_rate']:.4f} {st['recall']:.4f} "
+            f"{oos} | {sbs}"
+        )
     report["default_budget"] = per_set
     report["calibration_curve"] = curve
     print("\ncalibration curve (budget -> realised error on eval):")
@@ -436,8 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     lodo: dict[str, Any] = {}
     for name in pdata.INTENT_SETS:
         rest = [s for s in calib if not s.name.startswith(name)]
-        cuts = calibrate_cuts(rest, [fuse(s, fusion) for s in rest], floor, guards,
-                              (args.budget,))
+        cuts = calibrate_cuts(rest, [fuse(s, fusion) for s in rest], floor, guards, (args.budget,))
         for ps in sets:
             if ps.name.startswith(name):
                 st = stats(ps, hits(ps, fuse(ps, fusion), cuts[0]["cut"], floor, guards))
@@ -453,14 +508,18 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in rep.items():
         sb = r["static_same_error"]
         sbs = f"static hit {sb['hit_rate']:.3f}" if sb else "static: none at that error"
-        print(f"  {name:28s} error {r['second_half']['error']:.4f} hit "
-              f"{r['second_half']['hit_rate']:.4f} within={r['within_budget']} | {sbs}")
+        print(
+            f"  {name:28s} error {r['second_half']['error']:.4f} hit "
+            f"{r['second_half']['hit_rate']:.4f} within={r['within_budget']} | {sbs}"
+        )
     # 4. latency per verified candidate
     report["latency"] = latency(100 if args.quick else 300)
     lat = report["latency"]
-    print(f"\nlatency per verified candidate: p50 {lat['p50_ms']:.2f} ms p99 "
-          f"{lat['p99_ms']:.2f} ms ({lat['tokens_p50']:.0f} tokens) "
-          f"on {lat['machine'].get('cpu_model', '?')}")
+    print(
+        f"\nlatency per verified candidate: p50 {lat['p50_ms']:.2f} ms p99 "
+        f"{lat['p99_ms']:.2f} ms ({lat['tokens_p50']:.0f} tokens) "
+        f"on {lat['machine'].get('cpu_model', '?')}"
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=float))

@@ -148,9 +148,6 @@ def mine_intent_pairs(
             same = same[same != i]
             if not len(same):
                 continue
-            if rng.random() < 0.5:
-                k = int(same[np.argmax(row[same])])
-            else:
-                k = int(rng.choice(same))
+            k = int(same[np.argmax(row[same])]) if rng.random() < 0.5 else int(rng.choice(same))
             out.append((u.texts[i], u.texts[k], 1, "intent-pos"))
     return out

@@ -88,19 +88,154 @@ ANTONYMS: Final = [
     ("accept", "reject"),
 ]
 ENTITIES: Final = {
-    "country": """India Pakistan China Japan Germany France Italy Spain Canada Mexico Brazil
-        Russia Australia England Ireland Sweden Norway Egypt Nigeria Kenya Turkey Iran Israel
-        Korea Vietnam Thailand Indonesia Argentina Chile Greece Poland Ukraine""".split(),
-    "city": """London Paris Tokyo Delhi Mumbai Bangalore Chicago Boston Seattle Berlin Madrid Rome
-        Dubai Singapore Sydney Toronto Moscow Beijing Shanghai Cairo Lagos Hyderabad Chennai
-        Austin Denver Miami Vancouver Amsterdam Vienna Prague""".split(),
-    "lang": """Python Java JavaScript C++ Ruby PHP Swift Kotlin Rust Go Haskell Perl Scala MATLAB
-        English Spanish French German Hindi Chinese Japanese Arabic Russian Italian""".split(),
-    "org": """Google Apple Microsoft Amazon Facebook Netflix Tesla Uber Airbnb IBM Intel Samsung
-        Twitter Quora Flipkart Infosys Oracle Adobe Nvidia Spotify""".split(),
-    "person": """Trump Obama Clinton Modi Gandhi Einstein Newton Hitler Lincoln Messi Ronaldo
-        Federer Nadal Putin Musk Jobs Gates Shakespeare Darwin Tesla""".split(),
-    "brand": """iPhone Android Windows Linux Mac Visa Mastercard PayPal Bitcoin Ethereum""".split(),
+    "country": [
+        "India",
+        "Pakistan",
+        "China",
+        "Japan",
+        "Germany",
+        "France",
+        "Italy",
+        "Spain",
+        "Canada",
+        "Mexico",
+        "Brazil",
+        "Russia",
+        "Australia",
+        "England",
+        "Ireland",
+        "Sweden",
+        "Norway",
+        "Egypt",
+        "Nigeria",
+        "Kenya",
+        "Turkey",
+        "Iran",
+        "Israel",
+        "Korea",
+        "Vietnam",
+        "Thailand",
+        "Indonesia",
+        "Argentina",
+        "Chile",
+        "Greece",
+        "Poland",
+        "Ukraine",
+    ],
+    "city": [
+        "London",
+        "Paris",
+        "Tokyo",
+        "Delhi",
+        "Mumbai",
+        "Bangalore",
+        "Chicago",
+        "Boston",
+        "Seattle",
+        "Berlin",
+        "Madrid",
+        "Rome",
+        "Dubai",
+        "Singapore",
+        "Sydney",
+        "Toronto",
+        "Moscow",
+        "Beijing",
+        "Shanghai",
+        "Cairo",
+        "Lagos",
+        "Hyderabad",
+        "Chennai",
+        "Austin",
+        "Denver",
+        "Miami",
+        "Vancouver",
+        "Amsterdam",
+        "Vienna",
+        "Prague",
+    ],
+    "lang": [
+        "Python",
+        "Java",
+        "JavaScript",
+        "C++",
+        "Ruby",
+        "PHP",
+        "Swift",
+        "Kotlin",
+        "Rust",
+        "Go",
+        "Haskell",
+        "Perl",
+        "Scala",
+        "MATLAB",
+        "English",
+        "Spanish",
+        "French",
+        "German",
+        "Hindi",
+        "Chinese",
+        "Japanese",
+        "Arabic",
+        "Russian",
+        "Italian",
+    ],
+    "org": [
+        "Google",
+        "Apple",
+        "Microsoft",
+        "Amazon",
+        "Facebook",
+        "Netflix",
+        "Tesla",
+        "Uber",
+        "Airbnb",
+        "IBM",
+        "Intel",
+        "Samsung",
+        "Twitter",
+        "Quora",
+        "Flipkart",
+        "Infosys",
+        "Oracle",
+        "Adobe",
+        "Nvidia",
+        "Spotify",
+    ],
+    "person": [
+        "Trump",
+        "Obama",
+        "Clinton",
+        "Modi",
+        "Gandhi",
+        "Einstein",
+        "Newton",
+        "Hitler",
+        "Lincoln",
+        "Messi",
+        "Ronaldo",
+        "Federer",
+        "Nadal",
+        "Putin",
+        "Musk",
+        "Jobs",
+        "Gates",
+        "Shakespeare",
+        "Darwin",
+        "Tesla",
+    ],
+    "brand": [
+        "iPhone",
+        "Android",
+        "Windows",
+        "Linux",
+        "Mac",
+        "Visa",
+        "Mastercard",
+        "PayPal",
+        "Bitcoin",
+        "Ethereum",
+    ],
 }
 AUX: Final = [
     ("can", "can't"),
@@ -149,7 +284,11 @@ def swap(text: str, rng: random.Random) -> str | None:
         return text[: ft.start()] + f"from {ft.group(2)} to {ft.group(1)}" + text[ft.end() :]
     th = THAN.search(text)
     if th:
-        return text[: th.start()] + f"{th.group(3)} {th.group(2)} than {th.group(1)}" + text[th.end() :]
+        return (
+            text[: th.start()]
+            + f"{th.group(3)} {th.group(2)} than {th.group(1)}"
+            + text[th.end() :]
+        )
     m = DIRECTIONAL.search(text)
     if not m:
         return None
@@ -170,7 +309,7 @@ def swap(text: str, rng: random.Random) -> str | None:
     b = " ".join(b_words)
     if not a or not b or a.lower() == b.lower():
         return None
-    out = " ".join(lw[:-k1] + [b, m.group(0), a + tail] + rw[k2:])
+    out = " ".join([*lw[:-k1], b, m.group(0), a + tail, *rw[k2:]])
     return out if out != text else None
 
 
@@ -259,8 +398,14 @@ def rewrite(text: str, rng: random.Random) -> str | None:
     elif choice == 1:
         t = rng.choice(PREFIXES) + text[:1].lower() + text[1:]
     elif choice == 2:
-        for a, b in (("what is", "what's"), ("how do i", "how can i"), ("i am", "i'm"),
-                     ("do not", "don't"), ("can not", "cannot"), ("it is", "it's")):
+        for a, b in (
+            ("what is", "what's"),
+            ("how do i", "how can i"),
+            ("i am", "i'm"),
+            ("do not", "don't"),
+            ("can not", "cannot"),
+            ("it is", "it's"),
+        ):
             o = _replace_word(t, a, b) or _replace_word(t, b, a)
             if o:
                 t = o

@@ -25,7 +25,6 @@ ONNX with onnxruntime.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import random
@@ -311,8 +310,9 @@ def train(args: argparse.Namespace) -> None:
         y = torch.tensor([float(r["y"]) for r in b])
         w = torch.tensor([float(weight.get(r["kind"].split("-")[0], 1.0)) for r in b])
         logit = model(torch.from_numpy(ids), torch.from_numpy(mask))
-        loss = (torch.nn.functional.binary_cross_entropy_with_logits(logit, y, reduction="none")
-                * w).sum() / w.sum()
+        loss = (
+            torch.nn.functional.binary_cross_entropy_with_logits(logit, y, reduction="none") * w
+        ).sum() / w.sum()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -324,8 +324,11 @@ def train(args: argparse.Namespace) -> None:
         if done % 25 == 0 or done == total:
             el = time.time() - t0
             rate = (done - start_step) / el
-            print(f"step {done}/{total} loss {ema:.4f} lr {sched.get_last_lr()[0]:.2e} "
-                  f"{rate:.2f} steps/s eta {(total - done) / rate / 60:.1f} min", flush=True)
+            print(
+                f"step {done}/{total} loss {ema:.4f} lr {sched.get_last_lr()[0]:.2e} "
+                f"{rate:.2f} steps/s eta {(total - done) / rate / 60:.1f} min",
+                flush=True,
+            )
         if done % args.ckpt_every == 0 or done == total or time.time() > deadline:
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": done}, CKPT)
         if time.time() > deadline:
@@ -345,7 +348,8 @@ def export(args: argparse.Namespace) -> None:
 
     base = base_weights()
     model = build_torch_model(base)
-    model.load_state_dict(torch.load(CKPT, weights_only=False)["model"])
+    ckpt = Path(args.ckpt) if args.ckpt else CKPT
+    model.load_state_dict(torch.load(ckpt, weights_only=False)["model"])
     w = to_hf_weights(model, base)
     WORK.mkdir(parents=True, exist_ok=True)
     onnx.save(build_model.build_fp32_graph(w), FP32_ONNX)
@@ -364,13 +368,15 @@ def export(args: argparse.Namespace) -> None:
     HEAD_OUT.write_text(json.dumps(head))
     digest = build_model.sha256_file(INT8_OUT)
     meta = json.loads(META_OUT.read_text()) if META_OUT.exists() else {}
-    meta.update({
-        "model": INT8_OUT.name,
-        "tokenizer": "tokenizer.json",
-        "sha256": digest,
-        "head": head,
-        "max_len": MAX_LEN,
-    })
+    meta.update(
+        {
+            "model": INT8_OUT.name,
+            "tokenizer": "tokenizer.json",
+            "sha256": digest,
+            "head": head,
+            "max_len": MAX_LEN,
+        }
+    )
     meta.setdefault("fusion", {"a": 1.0, "b": 0.0, "c": 0.0})
     meta.setdefault("similarity_floor", 0.6)
     meta.setdefault("cuts", [{"max_error_rate": 0.01, "cut": 0.5}])
@@ -382,8 +388,10 @@ def export(args: argparse.Namespace) -> None:
     l32 = PairScorer(FP32_ONNX, head).logits(a, b)
     l8 = PairScorer(INT8_OUT, head).logits(a, b)
     rho = spearman(l32, l8)
-    print(f"int8 vs fp32 logits on {len(rows)} calib pairs: spearman {rho:.4f}, "
-          f"mean |diff| {np.abs(l32 - l8).mean():.3f}")
+    print(
+        f"int8 vs fp32 logits on {len(rows)} calib pairs: spearman {rho:.4f}, "
+        f"mean |diff| {np.abs(l32 - l8).mean():.3f}"
+    )
     if rho < 0.99:
         raise SystemExit("int8 export disagrees with fp32 (spearman < 0.99)")
 
@@ -404,7 +412,9 @@ class PairScorer:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         self.sess = ort.InferenceSession(
-            str(path), so, providers=["CPUExecutionProvider"],
+            str(path),
+            so,
+            providers=["CPUExecutionProvider"],
             disabled_optimizers=["SkipLayerNormFusion"],
         )
         self.w = np.asarray(head["w"], np.float32)
@@ -457,18 +467,20 @@ def calibrate(args: argparse.Namespace) -> None:
             errs.append(eb.error_upper(k, n) if n else 0.0)
         curve.append([float(c), round(max(errs), 5)])
     meta = json.loads(META_OUT.read_text())
-    meta.update({
-        "fusion": fusion,
-        "similarity_floor": args.floor,
-        "guards": args.guards,
-        "cuts": cuts,
-        "curve": curve,
-        "calibration": {
-            "sets": [s.name for s in use],
-            "rule": "lowest cut whose Wilson upper bound (z=1) of the error among hits is within "
-            "the budget on every calibration set",
-        },
-    })
+    meta.update(
+        {
+            "fusion": fusion,
+            "similarity_floor": args.floor,
+            "guards": args.guards,
+            "cuts": cuts,
+            "curve": curve,
+            "calibration": {
+                "sets": [s.name for s in use],
+                "rule": "lowest cut whose Wilson upper bound (z=1) of the error among hits "
+                "is within the budget on every calibration set",
+            },
+        }
+    )
     META_OUT.write_text(json.dumps(meta, indent=1) + "\n")
     for c in cuts:
         e = c["max_error_rate"]
@@ -499,13 +511,18 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--kind-weight", default="synth=1.5")
     t.add_argument("--fresh", action="store_true")
     t.add_argument("--freeze-layers", type=int, default=3, help="bottom layers kept fixed")
-    sub.add_parser("export")
+    e = sub.add_parser("export")
+    e.add_argument("--ckpt", default="", help="checkpoint (default: build/pair/ckpt.pt)")
     c = sub.add_parser("calibrate")
     c.add_argument("--floor", type=float, default=0.6)
     c.add_argument("--guards", action=argparse.BooleanOptionalAction, default=True)
-    c.add_argument("--intents-only", action=argparse.BooleanOptionalAction, default=True,
-                   help="cuts from the intent sets' calibration queries only (QQP's labels "
-                   "are too noisy for a 1 %% budget); the fusion uses every set")
+    c.add_argument(
+        "--intents-only",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="cuts from the intent sets' calibration queries only (QQP's labels "
+        "are too noisy for a 1 %% budget); the fusion uses every set",
+    )
     c.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     if args.cmd == "data":

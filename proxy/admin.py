@@ -70,9 +70,15 @@ class Admin:
                       ("up" if p.cache.l2.up else "down")},
             "semantic": None if p.semantic is None else {
                 "entries": len(p.semantic.index), **p.semantic.index.stats(),
-                "memory_bytes": p.semantic.index.memory_bytes()},
+                "memory_bytes": p.semantic.index.memory_bytes(),
+                # issue 13: per namespace, the cut a hit needs and the error rate estimated
+                # from the calibration curve plus this deployment's audits and bad ratings
+                "pair_verifier": p.semantic.pair is not None,
+                "max_error_rate": p.semantic.cfg.max_error_rate,
+                "error_budget": p.semantic.budget_stats()},
             "embedder": None if p.semantic is None else p.semantic.embedder_stats(),
             "gc": None if gcwatch.current is None else gcwatch.current.stats(),
+            "feedback_ledger": 0 if p.ledger is None else len(p.ledger),
             "flights_in_progress": len(p.flights),
             "tiers": {n: {"model": t.model, "active": t.active,
                           "endpoints": [{"url": e.url, "state": e.state, "in_flight": e.in_flight}

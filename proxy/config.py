@@ -214,6 +214,25 @@ class SemanticConfig:
     snapshot_interval_s: float = 0.0
     #: With a Redis URL: share semantic entries with every sidecar through a Redis Stream.
     shared: bool = True
+    #: Learned pair verifier (models/pair_verifier.json: int8 cross-encoder, fusion, cuts);
+    #: "" = off (threshold + guards only). Issue 13.
+    pair_verifier: str = "models/pair_verifier.json"
+    #: Error budget: the largest share of semantic hits allowed to be wrong. The probability
+    #: cut that meets it was calibrated on held-out pairs; audits and feedback move it.
+    max_error_rate: float = 0.01
+    #: Per-namespace budgets, "NAMESPACE=0.05" (the namespace as the proxy derives it).
+    namespace_error_rates: tuple[str, ...] = ()
+    #: Share of semantic hits also asked upstream in the background and compared (evidence).
+    audit_rate: float = 0.0
+    #: Audit: answers agree when their texts match or their sentence vectors reach this cosine.
+    audit_agree_cosine: float = 0.9
+    #: Candidates the pair verifier scores per lookup (each costs one cross-encoder run).
+    verify_max_candidates: int = 2
+    #: Exact entries of time-sensitive questions (bypass_patterns) live this long.
+    time_sensitive_ttl_s: float = 300.0
+    #: Request ids remembered for POST /v1/feedback (older or unknown ids answer 404).
+    feedback_window_s: float = 3600.0
+    feedback_max_entries: int = 50_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +255,22 @@ class RouterConfig:
     shadow: tuple[str, ...] = ()
     #: JSONL file of shadow pairs (both answers, latency, tokens); empty = log only metrics.
     shadow_log: str = ""
+
+
+def namespace_error_rates(cfg: SemanticConfig) -> dict[str, float]:
+    """Parse semantic.namespace_error_rates ("NAMESPACE=0.05")."""
+    out = {}
+    for i, spec in enumerate(cfg.namespace_error_rates):
+        ns, sep, value = spec.rpartition("=")
+        try:
+            e = float(value)
+        except ValueError:
+            e = -1.0
+        if not sep or not ns or not 0.0 < e < 1.0:
+            raise ConfigError(f"semantic.namespace_error_rates[{i}]: expected NAMESPACE=VALUE "
+                              f"with VALUE in (0, 1), got {spec!r}")
+        out[ns] = e
+    return out
 
 
 def namespace_thresholds(cfg: SemanticConfig) -> dict[str, float]:
@@ -500,6 +535,19 @@ def _check_semantic(sem: SemanticConfig) -> None:
     if not 0.0 < sem.threshold <= 1.0:
         raise ConfigError("semantic.threshold: must be in (0, 1]")
     namespace_thresholds(sem)
+    namespace_error_rates(sem)
+    if not 0.0 < sem.max_error_rate < 1.0:
+        raise ConfigError("semantic.max_error_rate: must be in (0, 1)")
+    if not 0.0 <= sem.audit_rate <= 1.0:
+        raise ConfigError("semantic.audit_rate: must be in [0, 1]")
+    if not 0.0 < sem.audit_agree_cosine <= 1.0:
+        raise ConfigError("semantic.audit_agree_cosine: must be in (0, 1]")
+    if sem.verify_max_candidates < 1:
+        raise ConfigError("semantic.verify_max_candidates: must be >= 1")
+    if sem.time_sensitive_ttl_s <= 0 or sem.feedback_window_s <= 0:
+        raise ConfigError("semantic.time_sensitive_ttl_s / feedback_window_s: must be > 0")
+    if sem.feedback_max_entries < 0:
+        raise ConfigError("semantic.feedback_max_entries: must be >= 0")
     if sem.embed_priority not in ("idle", "nice", "normal"):
         raise ConfigError(f"semantic.embed_priority: expected idle, nice or normal, got "
                           f"{sem.embed_priority!r}")

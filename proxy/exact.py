@@ -227,11 +227,13 @@ class RedisL2:
             return None
         return CachedAnswer.loads(raw) if raw else None
 
-    def put(self, key: bytes, answer: CachedAnswer, namespace: str) -> None:
+    def put(self, key: bytes, answer: CachedAnswer, namespace: str,
+            ttl_s: float | None = None) -> None:
         """Store in the background (batched); the caller does not wait."""
         if not self.up:
             return
-        rkey, raw, ttl = self.rkey(key, namespace), answer.dumps(), self.cfg.redis_ttl_s
+        rkey, raw = self.rkey(key, namespace), answer.dumps()
+        ttl = self.cfg.redis_ttl_s if ttl_s is None else max(1, int(ttl_s))
         self.writer.submit(lambda pipe: pipe.set(rkey, raw, ex=ttl))
         self.metrics.cache_stores.labels("l2").inc()
 
@@ -294,24 +296,30 @@ class ExactCache:
         """L1 only: no await on the fastest path."""
         return self.l1.get(key, time.monotonic())
 
-    async def get_l2(self, key: bytes, namespace: str) -> CachedAnswer | None:
-        """L2, filling L1 on a hit."""
+    async def get_l2(self, key: bytes, namespace: str,
+                     ttl_s: float | None = None) -> CachedAnswer | None:
+        """L2, filling L1 on a hit (for at most ``ttl_s`` when given: a time-sensitive entry
+        must not outlive its short Redis TTL in another sidecar's L1)."""
         if self.l2 is None:
             return None
         answer = await self.l2.get(key, namespace)
         if answer is not None:
-            self.l1.set(key, answer, time.monotonic(), namespace=namespace)
+            l1_ttl = None if ttl_s is None else min(ttl_s, self.l1.ttl_s)
+            self.l1.set(key, answer, time.monotonic(), l1_ttl, namespace=namespace)
         return answer
 
-    def put(self, key: bytes, answer: CachedAnswer, namespace: str) -> None:
-        """Store a complete answer in L1 and (in the background) L2."""
+    def put(self, key: bytes, answer: CachedAnswer, namespace: str,
+            ttl_s: float | None = None) -> None:
+        """Store a complete answer in L1 and (in the background) L2; ``ttl_s`` shortens both
+        lifetimes (time-sensitive questions)."""
         if len(answer.body) > self.cfg.max_entry_bytes:
             self.metrics.cache_skips.labels("too_large").inc()
             return
-        self.l1.set(key, answer, time.monotonic(), namespace=namespace)
+        l1_ttl = None if ttl_s is None else min(ttl_s, self.l1.ttl_s)
+        self.l1.set(key, answer, time.monotonic(), l1_ttl, namespace=namespace)
         self.metrics.cache_stores.labels("l1").inc()
         if self.l2 is not None:
-            self.l2.put(key, answer, namespace)
+            self.l2.put(key, answer, namespace, ttl_s)
 
     async def delete(self, key: bytes, namespace: str) -> bool:
         """Remove one entry from L1 and L2; True if it was in either."""

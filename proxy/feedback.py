@@ -46,8 +46,15 @@ class ServedLedger:
     def __len__(self) -> int:
         return len(self._d)
 
-    def record(self, rid: str, namespace: str, key: bytes, outcome: str, p: float = 1.0,
-               vec: np.ndarray | None = None) -> None:
+    def record(
+        self,
+        rid: str,
+        namespace: str,
+        key: bytes,
+        outcome: str,
+        p: float = 1.0,
+        vec: np.ndarray | None = None,
+    ) -> None:
         v = None if vec is None else np.asarray(vec, np.float16).reshape(-1).copy()
         self._d[rid] = ServedRecord(namespace, key, outcome, p, v, time.monotonic())
         self._d.move_to_end(rid)
@@ -71,8 +78,9 @@ class ServedLedger:
 
     def memory_bytes(self) -> int:
         """Rough bytes held (record + id + vector)."""
-        return sum(200 + len(k) + (0 if r.vec is None else r.vec.nbytes)
-                   for k, r in self._d.items())
+        return sum(
+            200 + len(k) + (0 if r.vec is None else r.vec.nbytes) for k, r in self._d.items()
+        )
 
 
 def answer_text(body: bytes) -> str:

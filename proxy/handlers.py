@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import re
 import time
 from typing import TYPE_CHECKING, Any, Final
 
@@ -19,11 +21,12 @@ from proxy.call import Call, cache_directives
 from proxy.config import Config
 from proxy.errors import ProxyError, model_not_found, payload_too_large, sse_error_event
 from proxy.exact import ExactCache
+from proxy.feedback import ServedLedger, answer_text, texts_agree
 from proxy.flight import Cursor, Flight, cancel_all, drain
 from proxy.keys import CHAT, COMPLETIONS, namespace_of, request_keys
 from proxy.metrics import Metrics
 from proxy.router import Router
-from proxy.semantic.cache import SemanticCache
+from proxy.semantic.cache import SemanticCache, SemanticHit
 from proxy.shadow import Traffic
 from proxy.upstream import TierClient
 from proxy.validate import (
@@ -88,6 +91,15 @@ class Proxy:
         self.key_model: dict[str, str] = {}
         self.auto_identity = ""
         self.auto_models = {"auto", *config.router.aliases}
+        sc = config.semantic
+        # what each request id was answered with, for POST /v1/feedback (issue 13)
+        self.ledger = (ServedLedger(sc.feedback_max_entries, sc.feedback_window_s)
+                       if config.cache.enabled and sc.feedback_max_entries else None)
+        # questions whose answer depends on the moment: short exact TTL (and no semantic layer)
+        self.time_sensitive = (re.compile("|".join(f"(?:{p})" for p in sc.bypass_patterns), re.I)
+                               if sc.bypass_patterns else None)
+        self._audits: set[Flight] = set()
+        self._audit_tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         await self.cache.start()
@@ -100,6 +112,9 @@ class Proxy:
 
     async def close(self) -> None:
         await cancel_all(self.flights)
+        await cancel_all({id(f): f for f in self._audits})
+        for t in list(self._audit_tasks):
+            t.cancel()
         await self.traffic.close()
         await asyncio.gather(*(t.close() for t in self.tiers.values()))
         if self.semantic is not None:
@@ -198,6 +213,9 @@ class Proxy:
             if answer is None:
                 answer = await self._l2_lookup(call)
             if answer is not None and answer.fits(call.max_tokens):
+                if self.ledger is not None and call.keys is not None:
+                    self.ledger.record(call.request_id, call.namespace, call.keys.exact,
+                                       "hit-exact")
                 return self._serve_hit(call, answer, "hit-exact", answer.tier if call.routed
                                        else call.tier)  # an auto hit counts where it was made
         call.outcome = "miss" if call.lookup else "bypass"
@@ -248,10 +266,7 @@ class Proxy:
             call.sampled = cache_cfg.sampled
             cache_on = cache_on and cache_cfg.sampled == "store"
         call.lookup, call.store = lookup and cache_on, store and cache_on
-        call.namespace = namespace_of(headers.get("x-cache-namespace"),
-                                      headers.get("Authorization"),
-                                      trust_header=cache_cfg.trust_namespace_header,
-                                      anonymous=cache_cfg.anonymous)
+        call.namespace = self.caller_namespace(call.request)
         if call.store or call.lookup:
             key_model = (f"{model}\x1f{self.auto_identity}" if call.routed
                          else self.key_model.get(call.tier, model))
@@ -267,7 +282,14 @@ class Proxy:
 
     async def _l2_lookup(self, call: Call) -> CachedAnswer | None:
         assert call.keys is not None
-        return await self.cache.get_l2(call.keys.exact, call.namespace)
+        return await self.cache.get_l2(call.keys.exact, call.namespace,
+                                       self._ttl_for(call.keys.query_text))
+
+    def _ttl_for(self, query: str) -> float | None:
+        """The short TTL of a time-sensitive question ("today", prices, weather), else None."""
+        if self.time_sensitive is not None and query and self.time_sensitive.search(query):
+            return self.config.semantic.time_sensitive_ttl_s
+        return None
 
     def _joinable(self, call: Call) -> Flight | None:
         """The flight of an identical request still in progress, if any."""
@@ -322,11 +344,13 @@ class Proxy:
         if vec is not None:
             threshold = sem.threshold(call.namespace,
                                       call.request.headers.get("x-cache-threshold"))
-            hit = await sem.lookup(vec, call.keys, call.tier, call.max_tokens, threshold)
+            hit = await sem.lookup(vec, call.keys, call.tier, call.max_tokens, threshold,
+                                   call.namespace)
         if hit is not None:
             if flight is not None:
                 self._abandon(flight, t_flight)
             call.similarity = f"{hit.similarity:.4f}"
+            self._semantic_served(call, hit)
             return self._serve_hit(call, hit.answer, "hit-semantic", call.tier)
         if flight is None:
             flight = self._joinable(call) or self._flight(call)
@@ -377,11 +401,111 @@ class Proxy:
         if sem is None or not call.lookup or call.vec is None or call.keys is None:
             return None
         threshold = sem.threshold(call.namespace, call.request.headers.get("x-cache-threshold"))
-        hit = await sem.lookup(call.vec, call.keys, call.tier, call.max_tokens, threshold)
+        hit = await sem.lookup(call.vec, call.keys, call.tier, call.max_tokens, threshold,
+                               call.namespace)
         if hit is None:
             return None
         call.similarity = f"{hit.similarity:.4f}"
+        self._semantic_served(call, hit)
         return hit.answer
+
+    def _semantic_served(self, call: Call, hit: SemanticHit) -> None:
+        """Remember what a semantic hit served (for feedback) and maybe audit it."""
+        sem = self.semantic
+        assert sem is not None
+        if self.ledger is not None:
+            self.ledger.record(call.request_id, call.namespace, hit.entry.key, "hit-semantic",
+                               hit.p, sem.index.vector(hit.entry.key))
+        rate = self.config.semantic.audit_rate
+        if rate > 0 and random.random() < rate:
+            self._audit(call, hit.answer, hit.p, hit.entry.key)
+
+    # -- audits and feedback (issue 13) -------------------------------------------------------
+    def _audit(self, call: Call, served: CachedAnswer, p: float, key: bytes) -> None:
+        """Ask upstream too, in the background, and compare: a disagreement is evidence that
+        the hit was wrong (the error budget tightens), an agreement that it was right."""
+        payload = {k: v for k, v in call.body.items() if k not in ("stream", "stream_options")}
+        namespace = call.namespace
+
+        def on_complete(answer: CachedAnswer, tier: TierClient) -> None:
+            task = asyncio.get_running_loop().create_task(
+                self._judge(namespace, served, answer, p))
+            self._audit_tasks.add(task)
+            task.add_done_callback(self._audit_tasks.discard)
+
+        def on_finish(f: Flight) -> None:
+            self._audits.discard(f)
+            if f.error is not None:
+                self.metrics.semantic_audits.labels("upstream_error").inc()
+
+        flight = Flight(None, namespace, call.endpoint, payload, False, self.chain(call.tier),
+                        self.metrics, on_complete, on_finish)
+        self._audits.add(flight)
+        flight.start()
+
+    async def _judge(self, namespace: str, served: CachedAnswer, fresh: CachedAnswer,
+                     p: float) -> None:
+        sem = self.semantic
+        if sem is None:
+            return
+        a, b = answer_text(served.body), answer_text(fresh.body)
+        agree = texts_agree(a, b)
+        if agree is None:
+            va, vb = await sem.embed(a), await sem.embed(b)
+            if va is None or vb is None:
+                self.metrics.semantic_audits.labels("undecided").inc()
+                return
+            agree = float(va @ vb) >= self.config.semantic.audit_agree_cosine
+        self.metrics.semantic_audits.labels("agree" if agree else "disagree").inc()
+        sem.evidence(namespace, p, wrong=not agree)
+
+    def caller_namespace(self, request: web.Request) -> str:
+        """The namespace a request's credentials (and x-cache-namespace) select."""
+        cache_cfg = self.config.cache
+        return namespace_of(request.headers.get("x-cache-namespace"),
+                            request.headers.get("Authorization"),
+                            trust_header=cache_cfg.trust_namespace_header,
+                            anonymous=cache_cfg.anonymous)
+
+    async def feedback(self, request: web.Request) -> web.Response:
+        """POST /v1/feedback {"request_id": ..., "rating": "bad" | "good"}.
+
+        Same credentials as the rated request (an id from another namespace is unknown: 404).
+        "bad" removes the served answer from L1, Redis and every sidecar's index, and counts
+        as an error of the verifier at the probability it was served with."""
+        try:
+            check_content_length(request.content_length, 4096)
+            raw = await request.read()
+            if len(raw) > 4096:
+                raise payload_too_large(4096)
+            body = parse_json(raw)
+            if not isinstance(body, dict):
+                raise ProxyError(400, "expected a JSON object", code="invalid_request")
+            rid, rating = body.get("request_id"), body.get("rating")
+            if not isinstance(rid, str) or not 0 < len(rid) <= 256:
+                raise ProxyError(400, "request_id: expected a non-empty string",
+                                 param="request_id", code="invalid_request")
+            if rating not in ("bad", "good"):
+                raise ProxyError(400, "rating: expected \"bad\" or \"good\"",
+                                 param="rating", code="invalid_request")
+            rec = self.ledger.get(rid) if self.ledger is not None else None
+            if rec is None or rec.namespace != self.caller_namespace(request):
+                raise ProxyError(404, f"unknown or expired request_id {rid[:64]!r}",
+                                 err_type="not_found_error", code="request_not_found")
+        except ProxyError as err:
+            self.metrics.errors.labels(str(err.status), err.code or "").inc()
+            return err.response()
+        removed = False
+        if rating == "bad":
+            assert self.ledger is not None
+            self.ledger.pop(rid)
+            removed = await self.purge_key(rec.key, rec.namespace)
+            if rec.outcome == "hit-semantic" and self.semantic is not None:
+                self.semantic.bad_feedback(rec.namespace, rec.p, rec.vec)
+        self.metrics.semantic_feedback.labels(rating, rec.outcome).inc()
+        return web.Response(body=orjson.dumps({"request_id": rid, "rating": rating,
+                                               "outcome": rec.outcome, "removed": removed}),
+                            content_type=JSON)
 
     def _route(self, call: Call, text: str) -> None:
         """The tier for a routed request: the router's choice (or the default), then A/B."""
@@ -409,7 +533,7 @@ class Proxy:
 
         def on_complete(answer: CachedAnswer, tier: TierClient) -> None:
             if fkey is not None and keys is not None:
-                self.cache.put(keys.exact, answer, namespace)
+                self.cache.put(keys.exact, answer, namespace, self._ttl_for(keys.query_text))
                 if self.semantic is not None:
                     call.stored_tier = tier.name
                     if call.vec is not None:  # else: indexed when the vector arrives
@@ -431,6 +555,9 @@ class Proxy:
 
     async def _answer(self, call: Call, flight: Flight) -> web.StreamResponse:
         """Subscribe to the flight and answer from it: streamed as it comes, or the JSON body."""
+        if self.ledger is not None and call.keys is not None and call.store:
+            # a bad rating of a miss removes the answer it stored
+            self.ledger.record(call.request_id, call.namespace, call.keys.exact, "miss")
         cursor = flight.subscribe()
         try:
             if call.stream:

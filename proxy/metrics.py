@@ -184,6 +184,23 @@ class Metrics:
                                         "Semantic lookups shed: embedding over its deadline "
                                         "(estimated) or its timeout (waited)", ["reason"],
                                         registry=r)
+        self.semantic_verify_seconds = Histogram(
+            "edge_proxy_semantic_verify_seconds",
+            "Pair verifier time per scored candidate (worker thread)",
+            buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.02, 0.05, 0.1), registry=r)
+        self.semantic_audits = Counter("edge_proxy_semantic_audits",
+                                       "Audited semantic hits by verdict", ["verdict"],
+                                       registry=r)
+        self.semantic_feedback = Counter("edge_proxy_semantic_feedback",
+                                         "POST /v1/feedback ratings applied", ["rating", "outcome"],
+                                         registry=r)
+        self.semantic_error_estimate = Gauge(
+            "edge_proxy_semantic_error_rate_estimate",
+            "Estimated share of wrong semantic hits per namespace (calibration + evidence)",
+            ["namespace"], registry=r)
+        self.semantic_cut = Gauge("edge_proxy_semantic_cut",
+                                  "Pair-verifier probability a hit needs, per namespace",
+                                  ["namespace"], registry=r)
         self.route_decisions = Counter("edge_proxy_route_decisions",
                                        "Routed requests by chosen tier", ["tier"], registry=r)
         self.shared_up = Gauge("edge_proxy_shared_stream_up",

@@ -54,6 +54,11 @@ class PairModel:
         self.cuts: list[tuple[float, float]] = sorted(
             (float(r["max_error_rate"]), float(r["cut"])) for r in meta["cuts"]
         )
+        # calibration curve: (cut, error among calibration hits at that cut), for the budget
+        # controller's prior
+        self.curve: list[tuple[float, float]] = [
+            (float(c), float(e)) for c, e in meta.get("curve", [])
+        ] or [(c, b) for b, c in self.cuts]
         self.threads = threads
         self._sess: Any = None
         self._tok: Any = None

@@ -64,6 +64,7 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
     app[PROXY_KEY] = proxy
     app.router.add_post("/v1/chat/completions", proxy.chat)
     app.router.add_post("/v1/completions", proxy.completions)
+    app.router.add_post("/v1/feedback", proxy.feedback)
     app.router.add_get("/v1/models", proxy.models)
     app.router.add_get("/healthz", proxy.healthz)
     app.router.add_get("/readyz", proxy.readyz)

@@ -14,13 +14,15 @@ import logging
 import re
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import numpy as np
 
 from proxy.answer import CachedAnswer
-from proxy.config import SemanticConfig, namespace_thresholds
+from proxy.config import SemanticConfig, namespace_error_rates, namespace_thresholds
+from proxy.errorbudget import BudgetController
 from proxy.exact import ExactCache
 from proxy.keys import RequestKeys
 from proxy.metrics import Metrics
@@ -30,6 +32,9 @@ from proxy.semantic.snapshot import SnapshotError, write_snapshot
 from proxy.semantic.verifier import Verifier
 from proxy.shared import SharedIndex
 
+if TYPE_CHECKING:
+    from proxy.pairmodel import PairModel
+
 log = logging.getLogger(__name__)
 
 #: Seconds between sweeps of expired semantic entries.
@@ -37,12 +42,22 @@ EXPIRE_EVERY_S: Final = 60.0
 
 
 class SemanticHit:
-    __slots__ = ("answer", "entry", "similarity")
+    __slots__ = ("answer", "entry", "p", "similarity")
 
-    def __init__(self, answer: CachedAnswer, entry: SemanticEntry, similarity: float) -> None:
+    def __init__(self, answer: CachedAnswer, entry: SemanticEntry, similarity: float,
+                 p: float = 1.0) -> None:
         self.answer = answer
         self.entry = entry
         self.similarity = similarity
+        self.p = p  # the pair verifier's calibrated probability (1.0 without it)
+
+
+def _pair_model_path(spec: str) -> Path:
+    path = Path(spec)
+    return path if path.is_absolute() or path.exists() else REPO / path
+
+
+REPO: Final = Path(__file__).resolve().parents[1]
 
 
 class SemanticCache:
@@ -61,6 +76,16 @@ class SemanticCache:
                                    brute_force_max=cfg.brute_force_max)
         self.verifier = Verifier(guards=cfg.guards, weights_path=cfg.verifier_weights or None)
         self.ns_thresholds = namespace_thresholds(cfg)
+        # the learned pair verifier and the error budget (issue 13)
+        self.pair: PairModel | None = None
+        self.budget: BudgetController | None = None
+        if cfg.pair_verifier:
+            from proxy.pairmodel import PairModel
+
+            self.pair = PairModel(_pair_model_path(cfg.pair_verifier))
+            self.budget = BudgetController(self.pair.curve, default_budget=cfg.max_error_rate)
+        self.ns_budgets = namespace_error_rates(cfg)
+        self._pair_pool = ThreadPoolExecutor(1, thread_name_prefix="pair-verifier")
         self.bypass = (re.compile("|".join(f"(?:{p})" for p in cfg.bypass_patterns), re.I)
                        if cfg.bypass_patterns else None)
         # shared mode: entries travel between sidecars on a Redis Stream
@@ -71,6 +96,8 @@ class SemanticCache:
 
     async def start(self) -> None:
         await self.embedder.start()
+        if self.pair is not None:
+            await asyncio.to_thread(self.pair.load)
         path = self.cfg.snapshot_path
         if path and Path(path).exists():
             try:
@@ -113,6 +140,7 @@ class SemanticCache:
         if self.shared is not None:
             await self.shared.close()
         await self.embedder.close()
+        self._pair_pool.shutdown(wait=False, cancel_futures=True)
         if self.cfg.snapshot_path:
             try:
                 self.snapshot()
@@ -144,7 +172,10 @@ class SemanticCache:
 
     def threshold(self, namespace: str, requested: str | None) -> float:
         """The threshold for a request: config, raised by the namespace's and the header's."""
-        t = max(self.cfg.threshold, self.ns_thresholds.get(namespace, 0.0))
+        # with the pair verifier, its calibrated similarity floor is the gate (the cuts were
+        # calibrated with it); without it, semantic.threshold
+        base = self.pair.floor if self.pair is not None else self.cfg.threshold
+        t = max(base, self.ns_thresholds.get(namespace, 0.0))
         if requested:
             with contextlib.suppress(ValueError):  # a malformed header changes nothing
                 t = max(t, min(1.0, float(requested)))
@@ -183,11 +214,37 @@ class SemanticCache:
         self.metrics.embed_seconds.observe(time.perf_counter() - t0)
         return vec
 
+    def error_budget(self, namespace: str) -> float:
+        return self.ns_budgets.get(namespace, self.cfg.max_error_rate)
+
+    def _score(self, query: str, cached: str, sim: float) -> float:
+        """Pair verifier probability; runs in the pair-verifier thread, never on the loop."""
+        assert self.pair is not None
+        t0 = time.perf_counter()
+        p = self.pair.score(query, cached, sim)
+        self.metrics.semantic_verify_seconds.observe(time.perf_counter() - t0)
+        return p
+
+    def evidence(self, namespace: str, p: float, *, wrong: bool) -> None:
+        """An audit's verdict on a served hit."""
+        if self.budget is not None:
+            self.budget.observe(namespace, p, wrong)
+
+    def bad_feedback(self, namespace: str, p: float, vec: np.ndarray | None) -> None:
+        """A served hit was rated bad: evidence, and a stricter neighbourhood."""
+        if self.budget is not None:
+            self.budget.bad_feedback(namespace, p, vec)
+
+    def budget_stats(self) -> dict[str, dict[str, float | int]]:
+        """Per namespace: cut, estimated error rate, audits, disagreements, bad ratings."""
+        return {} if self.budget is None else self.budget.snapshot()
+
     async def lookup(self, vec: np.ndarray, keys: RequestKeys, tier: str, max_tokens: int | None,
-                     threshold: float) -> SemanticHit | None:
+                     threshold: float, namespace: str = "") -> SemanticHit | None:
         """The best verified candidate whose answer fits, or None."""
         results = self.index.search(vec, keys.scope, k=4)
         need = self.rank.get(tier, 0)
+        scored = 0
         for sim, entry in results:
             if sim < threshold:
                 break
@@ -204,6 +261,17 @@ class SemanticCache:
             if not verdict.ok:
                 self.metrics.semantic_rejects.labels(verdict.reason.split(":")[0][:32]).inc()
                 continue
+            p = 1.0
+            if self.pair is not None and self.budget is not None:
+                if scored >= self.cfg.verify_max_candidates:
+                    break
+                scored += 1
+                p = await asyncio.get_running_loop().run_in_executor(
+                    self._pair_pool, self._score, keys.query_text, entry.query_text, sim)
+                vec_c = cand_vec if cand_vec is not None else self.index.vector(entry.key)
+                if not self.budget.allow(namespace, p, vec_c, self.error_budget(namespace)):
+                    self.metrics.semantic_rejects.labels("pair_verifier").inc()
+                    continue
             answer = self.exact.get_l1(entry.key)
             if answer is None:
                 answer = await self.exact.get_l2(entry.key, entry.namespace)
@@ -213,7 +281,9 @@ class SemanticCache:
             if not answer.fits(max_tokens):
                 continue
             self.metrics.semantic_similarity.observe(sim)
-            return SemanticHit(answer, entry, sim)
+            if self.budget is not None:
+                self.budget.served(namespace)
+            return SemanticHit(answer, entry, sim, p)
         return None
 
     def add(self, vec: np.ndarray, keys: RequestKeys, namespace: str, tier: str) -> None:
@@ -236,3 +306,6 @@ class SemanticCache:
     def update_gauges(self) -> None:
         self.metrics.cache_entries.labels("semantic").set(len(self.index))
         self.metrics.cache_bytes.labels("semantic").set(self.index.memory_bytes())
+        for ns, st in list(self.budget_stats().items())[:100]:  # bounded label set
+            self.metrics.semantic_error_estimate.labels(ns).set(st["estimated_error_rate"])
+            self.metrics.semantic_cut.labels(ns).set(st["cut"])
