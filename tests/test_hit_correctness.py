@@ -14,7 +14,7 @@ import openai
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.errorbudget import BudgetController
+from proxy.semantic.budget import BudgetController
 from tests.conftest import free_port, run_cli
 from tests.test_exact import wait_http
 

@@ -22,10 +22,10 @@ import numpy as np
 
 from proxy.answer import CachedAnswer
 from proxy.config import SemanticConfig, namespace_error_rates, namespace_thresholds
-from proxy.errorbudget import BudgetController
 from proxy.exact import ExactCache
 from proxy.keys import RequestKeys
 from proxy.metrics import Metrics
+from proxy.semantic.budget import BudgetController
 from proxy.semantic.embedder import Embedder
 from proxy.semantic.index import DEFAULT_DTYPE, SemanticEntry, SemanticIndex
 from proxy.semantic.snapshot import SnapshotError, write_snapshot
@@ -33,7 +33,7 @@ from proxy.semantic.verifier import Verifier
 from proxy.shared import SharedIndex
 
 if TYPE_CHECKING:
-    from proxy.pairmodel import PairModel
+    from proxy.semantic.pairmodel import PairModel
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +52,13 @@ class SemanticHit:
         self.p = p  # the pair verifier's calibrated probability (1.0 without it)
 
 
+#: The repository root: relative model paths resolve here when not found from the cwd.
+REPO: Final = Path(__file__).resolve().parents[2]
+
+
 def _pair_model_path(spec: str) -> Path:
     path = Path(spec)
     return path if path.is_absolute() or path.exists() else REPO / path
-
-
-REPO: Final = Path(__file__).resolve().parents[1]
 
 
 class SemanticCache:
@@ -80,7 +81,7 @@ class SemanticCache:
         self.pair: PairModel | None = None
         self.budget: BudgetController | None = None
         if cfg.pair_verifier:
-            from proxy.pairmodel import PairModel
+            from proxy.semantic.pairmodel import PairModel
 
             self.pair = PairModel(_pair_model_path(cfg.pair_verifier))
             self.budget = BudgetController(self.pair.curve, default_budget=cfg.max_error_rate)

@@ -23,7 +23,7 @@ from typing import Any, Final
 
 import numpy as np
 
-REPO: Final = Path(__file__).resolve().parents[1]
+REPO: Final = Path(__file__).resolve().parents[2]
 DEFAULT_META: Final = REPO / "models" / "pair_verifier.json"
 MAX_LEN: Final = 64
 
