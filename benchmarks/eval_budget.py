@@ -296,31 +296,38 @@ def calibrate_cuts(
     floor: float,
     guards: bool,
     budgets: Sequence[float] = BUDGETS,
+    rule: str = "max",
 ) -> list[dict[str, float]]:
-    """Per budget: the lowest probability cut whose upper-bounded error on *every* calibration
-    set is within the budget (the per-set max: no data set may pay for another's precision)."""
+    """Per budget: the lowest probability cut from which on (every higher cut too) the error
+    among calibration hits is within the budget.
+
+    rule "max": the Wilson upper bound (z=1) of each calibration set's error must be within
+    the budget (no data set pays for another's precision); "pooled": the mean of the sets'
+    error rates (each set weighs the same) must be."""
     grid = np.unique(
         np.concatenate(
             [np.quantile(p[p > 0], np.linspace(0, 1, 400)) for p in probs if (p > 0).any()]
         )
     )
     grid = np.unique(np.r_[grid, np.linspace(0.5, 0.9999, 200)])
+    errs = np.zeros(len(grid))
+    for gi, cut in enumerate(grid):
+        per = []
+        for ps, p in zip(sets, probs, strict=True):
+            h = hits(ps, p, float(cut), floor, guards)
+            n, k = int(h.sum()), int((h & ~ps.correct).sum())
+            if rule == "max":
+                per.append(error_upper(k, n) if k else 0.0)
+            else:
+                per.append(k / n if n else 0.0)
+        errs[gi] = max(per) if rule == "max" else float(np.mean(per))
     rows = []
     for e in budgets:
-        chosen = None
-        for cut in grid:
-            ok = True
-            for ps, p in zip(sets, probs, strict=True):
-                h = hits(ps, p, float(cut), floor, guards)
-                n = int(h.sum())
-                k = int((h & ~ps.correct).sum())
-                if error_upper(k, n) > e and n >= 1 and k > 0:
-                    ok = False
-                    break
-            if ok:
-                chosen = float(cut)
-                break
-        rows.append({"max_error_rate": e, "cut": chosen if chosen is not None else 1.0})
+        bad = np.flatnonzero(errs > e)
+        # the first grid cut above the last failing one: monotone-safe
+        i = int(bad[-1]) + 1 if len(bad) else 0
+        cut = float(grid[i]) if i < len(grid) else 1.0
+        rows.append({"max_error_rate": e, "cut": cut})
     return rows
 
 
@@ -489,7 +496,10 @@ def main(argv: list[str] | None = None) -> int:
     lodo: dict[str, Any] = {}
     for name in pdata.INTENT_SETS:
         rest = [s for s in calib if not s.name.startswith(name)]
-        cuts = calibrate_cuts(rest, [fuse(s, fusion) for s in rest], floor, guards, (args.budget,))
+        cuts = calibrate_cuts(
+            rest, [fuse(s, fusion) for s in rest], floor, guards, (args.budget,),
+            meta.get("rule", "max"),
+        )
         for ps in sets:
             if ps.name.startswith(name):
                 st = stats(ps, hits(ps, fuse(ps, fusion), cuts[0]["cut"], floor, guards))

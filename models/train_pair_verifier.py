@@ -464,7 +464,7 @@ def calibrate(args: argparse.Namespace) -> None:
     beta = eb.fit_logistic(np.vstack(xs), np.concatenate(ys), np.concatenate(ws) * 1000)
     fusion = {"a": float(beta[0]), "b": float(beta[1]), "c": float(beta[2])}
     probs = [eb.fuse(ps, fusion) for ps in use]
-    cuts = eb.calibrate_cuts(use, probs, args.floor, args.guards)
+    cuts = eb.calibrate_cuts(use, probs, args.floor, args.guards, rule=args.rule)
     # calibration curve e0(cut): the worst set's error among its hits at each cut
     grid = np.round(np.linspace(0.30, 0.999, 71), 4)
     curve = []
@@ -481,6 +481,7 @@ def calibrate(args: argparse.Namespace) -> None:
             "fusion": fusion,
             "similarity_floor": args.floor,
             "guards": args.guards,
+            "rule": args.rule,
             "cuts": cuts,
             "curve": curve,
             "calibration": {
@@ -533,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         "are too noisy for a 1 %% budget); the fusion uses every set",
     )
     c.add_argument("--quick", action="store_true")
+    c.add_argument("--rule", choices=["max", "pooled"], default="max")
     args = ap.parse_args(argv)
     if args.cmd == "data":
         make_pairs(args)
