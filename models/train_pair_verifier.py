@@ -473,8 +473,9 @@ def calibrate(args: argparse.Namespace) -> None:
         for ps, p in zip(use, probs, strict=True):
             h = eb.hits(ps, p, float(c), args.floor, args.guards)
             n, k = int(h.sum()), int((h & ~ps.correct).sum())
-            errs.append(eb.error_upper(k, n) if n else 0.0)
-        curve.append([float(c), round(max(errs), 5)])
+            errs.append(k / n if n >= eb.MIN_HITS else 0.0)
+        agg = max(errs) if args.rule == "max" else float(np.mean(errs))
+        curve.append([float(c), round(agg, 5)])
     meta = json.loads(META_OUT.read_text())
     meta.update(
         {
@@ -486,8 +487,8 @@ def calibrate(args: argparse.Namespace) -> None:
             "curve": curve,
             "calibration": {
                 "sets": [s.name for s in use],
-                "rule": "lowest cut whose Wilson upper bound (z=1) of the error among hits "
-                "is within the budget on every calibration set",
+                "rule": "lowest cut from which on the error among hits (sets with >= 30 hits) is "
+                "within the budget on every calibration set (max) or on their mean (pooled)",
             },
         }
     )

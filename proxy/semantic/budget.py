@@ -25,6 +25,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,6 +54,7 @@ class BudgetController:
         self,
         curve: list[tuple[float, float]],
         *,
+        base_cut: Callable[[float], float] | None = None,
         default_budget: float = 0.01,
         prior_weight: float = 200.0,
         max_observations: int = 4096,
@@ -60,6 +62,7 @@ class BudgetController:
         max_namespaces: int = 10_000,
     ) -> None:
         """curve: (cut, calibration error at that cut) ascending in cut."""
+        self.base_cut = base_cut  # the calibrated cut per budget (used until evidence arrives)
         self.grid = [float(c) for c, _ in sorted(curve)]
         self.e0 = [float(e) for _, e in sorted(curve)]
         self.default_budget = default_budget
@@ -91,6 +94,9 @@ class BudgetController:
         st = self._state(ns)
         if st.cut is None:
             e = self.default_budget if budget is None else budget
+            if not st.ps and self.base_cut is not None:
+                st.cut = self.base_cut(e)  # no evidence yet: exactly the calibrated cut
+                return st.cut
             st.cut = self.grid[-1]
             for i in range(len(self.grid)):
                 if self.estimate(st, i) <= e:
@@ -143,7 +149,7 @@ class BudgetController:
         out: dict[str, dict[str, float | int]] = {}
         for ns, st in self._ns.items():
             cut = self.cut(ns)
-            i = self.grid.index(cut)
+            i = min(bisect.bisect_left(self.grid, cut), len(self.grid) - 1)
             out[ns] = {
                 "cut": round(cut, 5),
                 "estimated_error_rate": round(self.estimate(st, i), 5),

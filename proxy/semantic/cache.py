@@ -84,7 +84,8 @@ class SemanticCache:
             from proxy.semantic.pairmodel import PairModel
 
             self.pair = PairModel(_pair_model_path(cfg.pair_verifier))
-            self.budget = BudgetController(self.pair.curve, default_budget=cfg.max_error_rate)
+            self.budget = BudgetController(self.pair.curve, base_cut=self.pair.cut,
+                                           default_budget=cfg.max_error_rate)
         self.ns_budgets = namespace_error_rates(cfg)
         self._pair_pool = ThreadPoolExecutor(1, thread_name_prefix="pair-verifier")
         self.bypass = (re.compile("|".join(f"(?:{p})" for p in cfg.bypass_patterns), re.I)
