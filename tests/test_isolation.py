@@ -31,7 +31,7 @@ PROPERTY = settings(max_examples=25, deadline=None, database=None,
 #: Paraphrase pairs that the semantic layer serves within one namespace.
 PARAPHRASES = (
     ("How do I reset my password?", "How can I reset my password?"),
-    ("What is the capital of France?", "What's the capital city of France?"),
+    ("What is the capital of France?", "What's the capital of France?"),
     ("How do I cancel my subscription?", "How can I cancel my subscription?"),
 )
 HITS = {"hit-exact", "hit-semantic"}

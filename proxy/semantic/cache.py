@@ -80,10 +80,16 @@ class SemanticCache:
         # the learned pair verifier and the error budget (issue 13)
         self.pair: PairModel | None = None
         self.budget: BudgetController | None = None
-        if cfg.pair_verifier:
+        meta_path = _pair_model_path(cfg.pair_verifier) if cfg.pair_verifier else None
+        if meta_path is not None and not meta_path.exists():
+            # an installed package has no models/ directory: run with the guards alone
+            log.warning("pair verifier %s not found: semantic hits use the threshold and the "
+                        "guards only", meta_path)
+            meta_path = None
+        if meta_path is not None:
             from proxy.semantic.pairmodel import PairModel
 
-            self.pair = PairModel(_pair_model_path(cfg.pair_verifier))
+            self.pair = PairModel(meta_path)
             self.budget = BudgetController(self.pair.curve, base_cut=self.pair.cut,
                                            default_budget=cfg.max_error_rate)
         self.ns_budgets = namespace_error_rates(cfg)

@@ -23,6 +23,8 @@ from typing import Any, Final
 
 import numpy as np
 
+from proxy import data_path
+
 REPO: Final = Path(__file__).resolve().parents[2]
 DEFAULT_META: Final = REPO / "models" / "pair_verifier.json"
 MAX_LEN: Final = 64
@@ -44,7 +46,9 @@ class PairModel:
         meta = json.loads(self.meta_path.read_text())
         self.meta = meta
         self.model_path = self.meta_path.parent / meta["model"]
-        self.tokenizer_path = self.meta_path.parent / meta.get("tokenizer", "tokenizer.json")
+        beside = self.meta_path.parent / meta.get("tokenizer", "tokenizer.json")
+        # the embedder's tokenizer (same vocabulary): beside the model, else the package's
+        self.tokenizer_path = beside if beside.exists() else data_path("tokenizer.json")
         self.w = np.asarray(meta["head"]["w"], np.float32)
         self.b = float(meta["head"]["b"])
         fuse = meta["fusion"]
