@@ -220,7 +220,8 @@ async def test_learned_verifier_gets_both_vectors(make_proxy, tiers) -> None:
     from proxy.semantic.verifier import Verifier
 
     weights = Path(__file__).resolve().parents[1] / "models" / "verifier.json"
-    p = await make_proxy(semantic={"verifier_weights": str(weights)})
+    # the interaction model alone decides here (the pair verifier off): its vectors are the point
+    p = await make_proxy(semantic={"verifier_weights": str(weights), "pair_verifier": ""})
     sem = p.proxy.semantic
     assert sem.verifier.uses_vectors
     client = p.client()
