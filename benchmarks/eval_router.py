@@ -1,4 +1,6 @@
-"""Evaluate the router: quality vs share of large-tier calls on MMLU and GSM8K (dev, out-of-fold).
+"""Evaluate the router: quality vs share of large-tier calls on MMLU, GSM8K (dev, out-of-fold)
+and MT-Bench (GPT-4 judge scores; the model fitted on all MMLU + GSM8K dev rows, MT-Bench's
+labels are used in no fit).
 
     python benchmarks/eval_router.py              # 5-fold CV: table, results/router_eval.{json,png}
     python benchmarks/eval_router.py --grouped    # MMLU folds by subject (unseen subjects)
@@ -85,6 +87,8 @@ def out_of_fold(
             hyper["alpha_full"],
             hyper["alpha_text"],
             hyper["emb_scale"],
+            hyper.get("len_weight_text", 0.0),
+            hyper.get("len_weight_full", 0.0),
         )
         full[tei] = tr.spec_raw(spec, dev.feats[tei], dev.emb[tei])
         text[tei] = tr.spec_raw(spec, dev.feats[tei], None)
@@ -115,6 +119,44 @@ def evaluate(dev: tr.DevData, full: np.ndarray, text: np.ndarray) -> dict:
     return out
 
 
+def load_mt_bench(embedder: object, model_id: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """MT-Bench turns (the last user turn, what the proxy routes on): features, embeddings and
+    both models' GPT-4 judge scores (1-10) as the quality."""
+    path = tr.DATA / "routellm" / "mt_bench_routing.jsonl"
+    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x]
+    texts = [r["turns"][-1] for r in rows]
+    weak = np.array([r["score_mixtral_8x7b"] for r in rows], np.float64)
+    strong = np.array([r["score_gpt4_1106"] for r in rows], np.float64)
+    rs = tr.RoutingSet("mt_bench_all", texts, weak, strong, ["mt_bench"] * len(texts))
+    emb = tr.cached_embeddings(rs, embedder, model_id)
+    return tr.feature_matrix(texts), emb, {"weak": weak, "strong": strong}
+
+
+def evaluate_mt_bench(dev: tr.DevData, hyper: dict[str, float], prefer_project: bool) -> dict:
+    """MT-Bench (labels never used in any fit): the model fitted on every MMLU + GSM8K dev row."""
+    spec = tr.fit_router(
+        dev.feats, dev.emb, dev.target, hyper["alpha_full"], hyper["alpha_text"],
+        hyper["emb_scale"], hyper.get("len_weight_text", 0.0), hyper.get("len_weight_full", 0.0),
+    )
+    embedder, model_id = tr.make_embedder(prefer_project)
+    feats, emb, lab = load_mt_bench(embedder, model_id)
+    w, s = lab["weak"], lab["strong"]
+    curves = {
+        "router": pgr_curve(tr.spec_raw(spec, feats, emb), w, s),
+        "router_text_only": pgr_curve(tr.spec_raw(spec, feats, None), w, s),
+        "length_rule": pgr_curve(feats[:, FEATURE_NAMES.index("log_tokens")], w, s),
+        "random": SHARES.copy(),
+    }
+    return {
+        "rows": len(w),
+        "q_weak": float(w.mean()),
+        "q_strong": float(s.mean()),
+        "pgr_at_50": {k: at_half(c) for k, c in curves.items()},
+        "apgr": {k: apgr(c) for k, c in curves.items()},
+        "curves": {k: c.tolist() for k, c in curves.items()},
+    }
+
+
 def plot(results: dict, path: Path, title: str) -> None:
     """Quality vs large-tier share, one panel per data set."""
     import matplotlib
@@ -137,7 +179,8 @@ def plot(results: dict, path: Path, title: str) -> None:
         ax.axhline(qs * 100, color="grey", lw=0.5)
         ax.axhline(qw * 100, color="grey", lw=0.5)
         ax.axvline(50, color="grey", lw=0.5)
-        ax.set_title(f"{name} dev, out-of-fold (n={r['rows']})")
+        split = "fit on all MMLU+GSM8K dev" if name == "mt_bench" else "out-of-fold"
+        ax.set_title(f"{name} dev, {split} (n={r['rows']})")
         ax.set_xlabel("large-tier calls (%)")
         ax.set_ylabel("accuracy (%)")
         ax.legend(fontsize=8, loc="lower right")
@@ -188,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         groups = np.array([g if g != "gsm8k" else f"gsm8k-{i}" for i, g in enumerate(names)])
     full, text = out_of_fold(dev, tr.HYPER, groups)
     results = evaluate(dev, full, text)
+    results["mt_bench"] = evaluate_mt_bench(dev, tr.HYPER, not args.fallback_embedder)
     split = "folds grouped by MMLU subject" if args.grouped else f"{K_FOLDS}-fold stratified"
     header = f"router eval: {split}, embeddings {dev.model_id}, hyper {tr.HYPER}"
     print_table(results, header)

