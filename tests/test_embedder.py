@@ -161,6 +161,26 @@ async def test_estimate_follows_the_queue() -> None:
         await e.close()
 
 
+async def test_timed_out_texts_leave_the_queue() -> None:
+    # A text whose waiters all timed out is not embedded: under overload the worker spends the
+    # CPU on texts still awaited (the running one completes).
+    e = Embedder(workers=1)
+    await e.start()
+    try:
+        long = [f"backlog {i} " + "lorem ipsum dolor sit amet " * 20 for i in range(12)]
+        keep = [asyncio.ensure_future(e.embed(t)) for t in long]
+        await asyncio.sleep(0)
+        with pytest.raises(TimeoutError):
+            await e.embed("given up on", timeout=0.0001)
+        await asyncio.sleep(0)
+        assert e.stats.dropped == 1 and "given up on" not in e._pending
+        await asyncio.gather(*keep)
+        assert e.stats.texts == 12 and not e.has("given up on")  # never embedded
+        assert np.array_equal(await e.embed("given up on"), e.embed_batch(["given up on"])[0])
+    finally:
+        await e.close()
+
+
 async def test_cache_hit_and_coalescing() -> None:
     e = Embedder(cache_size=2)
     await e.start()

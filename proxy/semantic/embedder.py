@@ -91,6 +91,7 @@ class EmbedderStats:
     texts: int = 0  # texts embedded by the model
     batches: int = 0  # worker wake-ups
     skipped: int = 0  # lookups skipped: the estimate was over the deadline
+    dropped: int = 0  # queued texts dropped: their waiters timed out
     batch_sizes: Counter[int] = field(default_factory=Counter)
 
 
@@ -284,9 +285,24 @@ class Embedder:
             self._queue.put((text, fut))
         else:
             self.stats.coalesced += 1
-        # shield: one cancelled (or timed-out) caller must not cancel the shared future of the
-        # others; wait_for on a future adds only a timer, no task
-        return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        # shield: one cancelled caller must not cancel the shared future of the others; wait_for
+        # on a future adds only a timer, no task
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except TimeoutError:
+            # Past its timeout nobody wants this vector any more (identical texts waiting on it
+            # share about the same deadline): drop it from the queue, so that under overload the
+            # workers spend the CPU on texts still awaited and the queue drains instead of
+            # growing. A worker skips a cancelled entry; one already running completes.
+            if not fut.done():
+                fut.cancel()
+                self.stats.dropped += 1
+            raise
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if fut.cancelled() and (task is None or not task.cancelling()):
+                raise TimeoutError from None  # another waiter's timeout dropped the text
+            raise
 
     def _done(self, key: bytes, fut: asyncio.Future[np.ndarray]) -> None:
         self._pending.pop(key, None)
@@ -333,16 +349,18 @@ class Embedder:
     def _process(self, loop: asyncio.AbstractEventLoop, items: list[tuple[str, Any]]) -> None:
         self.stats.batches += 1
         self.stats.batch_sizes[len(items)] += 1
-        self.stats.texts += len(items)
         if self.padded_batches:
             self._run_items(loop, items)
             return
         # one text per run (see the module docstring), each resolved as soon as it is ready:
         # a waiter does not wait for the rest of the drained batch
         for item in items:
+            if item[1].cancelled():  # its waiters timed out: nobody wants it (read-only peek)
+                continue
             self._run_items(loop, [item])
 
     def _run_items(self, loop: asyncio.AbstractEventLoop, items: list[tuple[str, Any]]) -> None:
+        self.stats.texts += len(items)
         futs = [f for _, f in items]
         vecs: np.ndarray | None = None
         error: BaseException | None = None
