@@ -330,22 +330,31 @@ class Proxy:
         delay = sem.cfg.speculative_delay_s
         flight: Flight | None = None
         t_flight = 0.0
-        if delay <= 0:
-            flight, t_flight = self._flight(call), time.perf_counter()
-            vec = await self._embed(call, query)
-        else:
-            task = asyncio.ensure_future(self._embed(call, query))
-            done, _ = await asyncio.wait({task}, timeout=delay)
-            if not done:
-                flight, t_flight = self._joinable(call) or self._flight(call), time.perf_counter()
-            vec = await task
-        call.vec = vec
         hit = None
-        if vec is not None:
-            threshold = sem.threshold(call.namespace,
-                                      call.request.headers.get("x-cache-threshold"))
-            hit = await sem.lookup(vec, call.keys, call.tier, call.max_tokens, threshold,
-                                   call.namespace)
+        try:
+            if delay <= 0:
+                flight, t_flight = self._flight(call), time.perf_counter()
+                vec = await self._embed(call, query)
+            else:
+                task = asyncio.ensure_future(self._embed(call, query))
+                done, _ = await asyncio.wait({task}, timeout=delay)
+                if not done:
+                    flight = self._joinable(call) or self._flight(call)
+                    t_flight = time.perf_counter()
+                vec = await task
+            call.vec = vec
+            if vec is not None:
+                threshold = sem.threshold(call.namespace,
+                                          call.request.headers.get("x-cache-threshold"))
+                hit = await sem.lookup(vec, call.keys, call.tier, call.max_tokens,
+                                       threshold, call.namespace)
+        except BaseException:
+            # the client went away (or a bug) before subscribing: do not leave the upstream
+            # call running for nobody
+            if flight is not None and flight.subscribers == 0 and not flight.done:
+                flight.subscribe()
+                flight.unsubscribe()
+            raise
         if hit is not None:
             if flight is not None:
                 self._abandon(flight, t_flight)

@@ -108,3 +108,25 @@ async def test_routed_requests_over_several_tiers_wait_for_the_vector(make_proxy
     assert r.headers["x-cache"] == "miss"
     assert "edge_proxy_speculative_upstream_total{" not in await _metrics(p)
     await _until(lambda: len(p.proxy.semantic.index) == 1)  # indexed all the same
+
+
+async def test_client_gone_before_the_lookup_cancels_the_speculative_call(make_proxy,
+                                                                          tiers) -> None:
+    # the client disconnects while its vector is still queued: its speculative upstream call
+    # must not run on for nobody
+    import openai
+    import pytest
+
+    tiers["small"].mock.ttft_ms = 2000
+    p = await make_proxy(semantic={"speculative": True, "embed_threads": 1})
+    emb = p.proxy.semantic.embedder
+    backlog = [asyncio.ensure_future(emb.embed(f"backlog {i} " + "lorem ipsum " * 60))
+               for i in range(16)]
+    await asyncio.sleep(0)
+    with pytest.raises(openai.APITimeoutError):
+        await p.client().with_options(timeout=0.3).chat.completions.create(
+            model="auto", messages=ask("How do I reset my password?"))
+    await _until(lambda: not p.proxy.flights)
+    await asyncio.gather(*backlog)
+    await asyncio.sleep(2.3)  # when its answer would have come: nothing stored
+    assert len(p.proxy.cache.l1) == 0
