@@ -11,7 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from proxy.semantic.embedder import DEFAULT_MODEL_PATH, MODEL_SHA256, Embedder, ModelChecksumError
+from proxy.semantic.embedder import (
+    DEFAULT_MODEL_PATH,
+    MODEL_SHA256,
+    Embedder,
+    ModelChecksumError,
+    text_key,
+)
 
 pytestmark = pytest.mark.skipif(
     not DEFAULT_MODEL_PATH.exists(), reason="run `python models/build_model.py` first"
@@ -173,7 +179,7 @@ async def test_timed_out_texts_leave_the_queue() -> None:
         with pytest.raises(TimeoutError):
             await e.embed("given up on", timeout=0.0001)
         await asyncio.sleep(0)
-        assert e.stats.dropped == 1 and "given up on" not in e._pending
+        assert e.stats.dropped == 1 and text_key("given up on") not in e._pending
         await asyncio.gather(*keep)
         assert e.stats.texts == 12 and not e.has("given up on")  # never embedded
         assert np.array_equal(await e.embed("given up on"), e.embed_batch(["given up on"])[0])
