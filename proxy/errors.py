@@ -82,6 +82,24 @@ def payload_too_large(limit: int) -> ProxyError:
     )
 
 
+def no_route(path: str) -> ProxyError:
+    """404: nothing is served at this path."""
+    return ProxyError(404, f"no route {path}", code="not_found")
+
+
+def method_not_allowed(method: str, path: str, allowed: list[str]) -> ProxyError:
+    """405: the path exists, not with this method."""
+    return ProxyError(405, f"method {method} not allowed on {path}; use {', '.join(allowed)}",
+                      code="method_not_allowed", headers={"Allow": ", ".join(allowed)})
+
+
+def route_error(request: web.Request, exc: web.HTTPException) -> ProxyError:
+    """aiohttp's unmatched route (404) or method (405) as an OpenAI-style error."""
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        return method_not_allowed(request.method, request.path, sorted(exc.allowed_methods))
+    return no_route(request.path)
+
+
 def upstream_unavailable(message: str) -> ProxyError:
     """502: the upstream refused the connection or failed with a 5xx."""
     return ProxyError(502, message, err_type="upstream_error", code="upstream_unavailable")

@@ -334,6 +334,17 @@ class ExactCache:
         l2 = await self.l2.purge_namespace(namespace) if self.l2 is not None else 0
         return l1, l2
 
+    @property
+    def redis_state(self) -> str:
+        """"disabled" (no cache.redis_url), "up" or "down"."""
+        return "disabled" if self.l2 is None else ("up" if self.l2.up else "down")
+
+    def stats(self) -> dict[str, Any]:
+        """For the admin API."""
+        l1 = self.l1
+        return {"l1_entries": len(l1), "l1_bytes": l1.bytes, "l1_evictions": l1.evictions,
+                "redis": self.redis_state}
+
     def update_gauges(self) -> None:
         self.metrics.cache_entries.labels("l1").set(len(self.l1))
         self.metrics.cache_bytes.labels("l1").set(self.l1.bytes)

@@ -651,15 +651,14 @@ class Proxy:
         return web.Response(body=b'{"status":"ok"}', content_type=JSON)
 
     async def readyz(self, request: web.Request) -> web.Response:
-        l2 = self.cache.l2
-        redis = "disabled" if l2 is None else ("up" if l2.up else "down")
+        redis = self.cache.redis_state
         tiers = {n: t.state() for n, t in self.tiers.items()}
         down = [n for n, t in self.tiers.items() if not (t.ready and t.up)]
         # ready: every tier's model known and some tier up (a down tier is routed around)
         ready = (bool(self.tiers) and all(t.ready for t in self.tiers.values())
                  and len(down) < len(self.tiers))
         sem = self.semantic
-        embedder = "disabled" if sem is None else ("ready" if sem.embedder.ready else "loading")
+        embedder = "disabled" if sem is None else sem.embedder_state
         ready = ready and embedder != "loading"
         # Redis down degrades (L1 + upstream still serve) but does not make the sidecar unready:
         # taking the pod out of service would hurt more than a colder cache.

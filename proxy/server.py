@@ -20,7 +20,7 @@ from aiohttp.abc import AbstractAccessLogger
 from proxy import gcwatch, passthrough
 from proxy.admin import Admin
 from proxy.config import Config
-from proxy.errors import ProxyError
+from proxy.errors import method_not_allowed, no_route
 from proxy.handlers import Proxy
 from proxy.metrics import Metrics
 
@@ -41,10 +41,8 @@ def _fallback_route(app: web.Application) -> None:
         res = known.get(request.path)
         if res is not None:
             allowed = sorted({route.method for route in res})
-            return ProxyError(405, f"method {request.method} not allowed on {request.path}; "
-                              f"use {', '.join(allowed)}", code="method_not_allowed",
-                              headers={"Allow": ", ".join(allowed)}).response()
-        return ProxyError(404, f"no route {request.path}", code="not_found").response()
+            return method_not_allowed(request.method, request.path, allowed).response()
+        return no_route(request.path).response()
 
     app.router.add_route("*", "/{tail:.*}", fallback)
 
@@ -69,7 +67,7 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
     app.router.add_get("/healthz", proxy.healthz)
     app.router.add_get("/readyz", proxy.readyz)
     app.router.add_get("/metrics", proxy.metrics_endpoint)
-    Admin(proxy).routes(app)
+    app.add_subapp("/admin/", Admin(proxy).app())
     passthrough.routes(app, proxy)
     _fallback_route(app)
 

@@ -233,6 +233,12 @@ class TierClient:
                 log.warning("tier %s: upstream %s is down (health check failed)", self.name,
                             ep.url)
 
+    def stats(self) -> dict[str, Any]:
+        """For the admin API: model, slots in use, each endpoint's breaker state and load."""
+        return {"model": self.model, "active": self.active,
+                "endpoints": [{"url": e.url, "state": e.state, "in_flight": e.in_flight}
+                              for e in self.endpoints]}
+
     async def discover(self, quiet: bool = False) -> str:
         """Ask each base URL's /v1/models for the served model and its checkpoint identity;
         the first answer wins. Raises RuntimeError naming every upstream's failure."""

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
@@ -310,6 +310,21 @@ class SemanticCache:
                 "service_ms": round(1000 * e.service_s, 3), "queued": len(e._pending),
                 "texts": e.stats.texts, "cache_hits": e.stats.cache_hits,
                 "skipped": e.stats.skipped}
+
+    @property
+    def embedder_state(self) -> str:
+        """"ready" or "loading" (the model is still being loaded)."""
+        return "ready" if self.embedder.ready else "loading"
+
+    def stats(self) -> dict[str, Any]:
+        """For the admin API."""
+        return {"entries": len(self.index), **self.index.stats(),
+                "memory_bytes": self.index.memory_bytes(),
+                # issue 13: per namespace, the cut a hit needs and the error rate estimated
+                # from the calibration curve plus this deployment's audits and bad ratings
+                "pair_verifier": self.pair is not None,
+                "max_error_rate": self.cfg.max_error_rate,
+                "error_budget": self.budget_stats()}
 
     def update_gauges(self) -> None:
         self.metrics.cache_entries.labels("semantic").set(len(self.index))
