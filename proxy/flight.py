@@ -70,10 +70,10 @@ class Cursor:
 class Flight:
     """An upstream request shared by its subscribers."""
 
-    __slots__ = ("_changed", "_task", "auth", "base", "body", "buffered", "chain",
-                 "content_type", "cursors", "done", "endpoint", "error", "events", "key",
-                 "metrics", "namespace", "on_complete", "on_finish", "payload", "replayable",
-                 "started", "status", "stream", "streamed", "subscribers", "tier", "usage_frame")
+    __slots__ = ("_changed", "_task", "auth", "base", "body", "buffered", "chain", "cursors",
+                 "done", "endpoint", "error", "events", "key", "metrics", "namespace",
+                 "on_complete", "on_finish", "payload", "replayable", "started", "stream",
+                 "streamed", "subscribers", "tier", "usage_frame")
 
     def __init__(self, key: Any, namespace: str, endpoint: str, payload: dict[str, Any],
                  stream: bool,
@@ -97,8 +97,6 @@ class Flight:
         self.cursors: set[Cursor] = set()
         self.usage_frame: bytes | None = None
         self.body: bytes | None = None      # JSON body (non-stream)
-        self.content_type = "application/json"
-        self.status = 200
         self.tier: TierClient | None = None  # the tier that answered
         self.started = False                # first event / body available
         self.done = False

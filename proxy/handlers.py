@@ -27,7 +27,7 @@ from proxy.keys import CHAT, COMPLETIONS, namespace_of, request_keys
 from proxy.metrics import Metrics
 from proxy.router import Router
 from proxy.semantic.cache import SemanticCache, SemanticHit
-from proxy.shadow import Traffic
+from proxy.traffic import Traffic
 from proxy.upstream import TierClient
 from proxy.validate import (
     body_timeout,

@@ -44,10 +44,6 @@ class RequestKeys:
         self.scope = scope
         self.query_text = query_text
 
-    @property
-    def exact_hex(self) -> str:
-        return self.exact.hex()
-
 
 def _text_of(content: Any) -> str:
     """The text of a message content: a string, or the text parts of a content list."""

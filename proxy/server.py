@@ -85,11 +85,10 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
 def freeze_startup_heap() -> None:
     """Move everything alive after start-up out of the cyclic GC's sight (``gc.freeze``).
 
-    Modules, onnxruntime, numpy, the tokenizer and the replayed cache are ~110k tracked objects
-    that never become cyclic garbage, yet every full collection walks them all, on the event
-    loop: measured up to 212 ms per gen-2 pass during the load suite's interference phase. Frozen
-    objects are still freed by reference counting; only cycles among them would never be
-    collected.
+    Modules, onnxruntime, numpy, the tokenizer and the replayed cache are objects that never
+    become cyclic garbage, yet every full collection walks them all, on the event loop (the
+    pauses measured are in benchmarks/README.md). Frozen objects are still freed by reference
+    counting; only cycles among them would never be collected.
     """
     gc.collect()
     gc.freeze()
