@@ -672,8 +672,8 @@ class Proxy:
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
         self.cache.update_gauges()
         for name, tier in self.tiers.items():
-            for ep in tier.endpoints:
-                self.metrics.breaker_open.labels(name, ep.url).set(ep.state != ep.CLOSED)
+            for up in tier.upstreams:
+                self.metrics.breaker_open.labels(name, up.url).set(up.state != up.CLOSED)
         if self.semantic is not None:
             self.semantic.update_gauges()
         # rendered in a worker thread: the loop is never held for the whole text (prometheus

@@ -137,8 +137,8 @@ class Metrics:
         self.upstream_inflight = Gauge("edge_proxy_upstream_in_flight",
                                        "Upstream requests in flight", ["tier"], registry=r)
         self.breaker_open = Gauge("edge_proxy_upstream_breaker_open",
-                                  "1 while an endpoint's circuit breaker is open or half-open",
-                                  ["tier", "endpoint"], registry=r)
+                                  "1 while an upstream's circuit breaker is open or half-open",
+                                  ["tier", "upstream"], registry=r)
         self.usage_estimated = Counter("edge_proxy_usage_estimated",
                                        "Upstream answers without usage, counted by tokenizer",
                                        registry=r)

@@ -33,7 +33,7 @@ class UpstreamFailure(Exception):
         self.kind = kind
 
 
-class Endpoint:
+class Upstream:
     """One vLLM base URL of a tier, with its circuit breaker.
 
     closed: requests flow; ``breaker_failures`` consecutive failures open it. open: no requests
@@ -62,7 +62,7 @@ class Endpoint:
         self.last_kind = ""  # what the last failure was: "connect" or another kind
 
     def available(self, now: float) -> bool:
-        """May a request go to this endpoint now? (Moves open -> half-open after cool-down.)"""
+        """May a request go to this upstream now? (Moves open -> half-open after cool-down.)"""
         if not self.healthy:
             return False
         if self.state == self.CLOSED:
@@ -88,7 +88,7 @@ class Endpoint:
             self.opened_at = now
 
     def on_health(self, ok: bool) -> bool:
-        """A health check's result; True when it changed whether the endpoint is up.
+        """A health check's result; True when it changed whether the upstream is up.
 
         A healthy answer also closes a breaker that opened because the upstream could not be
         reached (it can be now); one opened by 5xx answers keeps its cool-down, since a vLLM
@@ -129,7 +129,7 @@ class TierClient:
         self.name = cfg.name
         self.model = cfg.model
         self.metrics = metrics
-        self.endpoints = [Endpoint(u, cfg.breaker_failures, cfg.breaker_cooldown_s)
+        self.upstreams = [Upstream(u, cfg.breaker_failures, cfg.breaker_cooldown_s)
                           for u in cfg.urls]
         self.active = 0  # requests holding a concurrency slot
         self._waiters: deque[asyncio.Future[None]] = deque()
@@ -186,17 +186,17 @@ class TierClient:
 
     @property
     def up(self) -> bool:
-        """Some endpoint is healthy with its breaker not open."""
+        """Some upstream is healthy with its breaker not open."""
         now = time.monotonic()
-        return any(ep.healthy and (ep.state != Endpoint.OPEN or
-                                   now - ep.opened_at >= ep.cooldown_s) for ep in self.endpoints)
+        return any(ep.healthy and (ep.state != Upstream.OPEN or
+                                   now - ep.opened_at >= ep.cooldown_s) for ep in self.upstreams)
 
     def state(self) -> dict[str, Any]:
         """For /readyz and /health."""
         return {"model": self.model, "ready": self.ready, "up": self.up,
                 **({"error": self.discovery_error} if self.discovery_error else {}),
                 "endpoints": [{"url": e.url, "healthy": e.healthy, "breaker": e.state}
-                              for e in self.endpoints]}
+                              for e in self.upstreams]}
 
     async def _watch(self) -> None:
         """Health checks every health_interval_s; /v1/models until the model is known, then
@@ -206,7 +206,7 @@ class TierClient:
             await asyncio.sleep(cfg.health_interval_s)
             try:
                 if cfg.health_path:
-                    await asyncio.gather(*(self._check_health(ep) for ep in self.endpoints))
+                    await asyncio.gather(*(self._check_health(ep) for ep in self.upstreams))
                 if (not self.model or not self._checked_at or
                         time.monotonic() - self._checked_at >= cfg.model_check_interval_s):
                     with contextlib.suppress(RuntimeError):
@@ -216,7 +216,7 @@ class TierClient:
             except Exception:  # never let the watcher die
                 log.exception("tier %s: health/model check failed", self.name)
 
-    async def _check_health(self, ep: Endpoint) -> None:
+    async def _check_health(self, ep: Upstream) -> None:
         assert self.session is not None
         try:
             async with self.session.get(ep.url + self.cfg.health_path, headers=self._auth,
@@ -234,17 +234,17 @@ class TierClient:
                             ep.url)
 
     def stats(self) -> dict[str, Any]:
-        """For the admin API: model, slots in use, each endpoint's breaker state and load."""
+        """For the admin API: model, slots in use, each upstream's breaker state and load."""
         return {"model": self.model, "active": self.active,
                 "endpoints": [{"url": e.url, "state": e.state, "in_flight": e.in_flight}
-                              for e in self.endpoints]}
+                              for e in self.upstreams]}
 
     async def discover(self, quiet: bool = False) -> str:
         """Ask each base URL's /v1/models for the served model and its checkpoint identity;
         the first answer wins. Raises RuntimeError naming every upstream's failure."""
         assert self.session is not None
         errors = []
-        for ep in self.endpoints:
+        for ep in self.upstreams:
             try:
                 async with self.session.get(ep.url + "/v1/models", headers=self._auth,
                                             timeout=aiohttp.ClientTimeout(total=5)) as r:
@@ -298,12 +298,12 @@ class TierClient:
         if self.session is not None:
             await self.session.close()
 
-    def pick(self, exclude: Collection[Endpoint] = ()) -> Endpoint | None:
-        """The available endpoint with the fewest requests in flight; None if all breakers
+    def pick(self, exclude: Collection[Upstream] = ()) -> Upstream | None:
+        """The available upstream with the fewest requests in flight; None if all breakers
         are open."""
         now = time.monotonic()
-        best: Endpoint | None = None
-        for ep in self.endpoints:
+        best: Upstream | None = None
+        for ep in self.upstreams:
             if ep in exclude or not ep.available(now):
                 continue
             if best is None or ep.in_flight < best.in_flight:
@@ -312,7 +312,7 @@ class TierClient:
 
     @property
     def breaker_open(self) -> bool:
-        """True when no endpoint of this tier accepts requests now."""
+        """True when no upstream of this tier accepts requests now."""
         return self.pick() is None
 
     async def _admit(self) -> None:
@@ -356,7 +356,7 @@ class TierClient:
                    auth: str | None = None) -> OpenResponse:
         """Send one request; return the response once its headers arrived with status 200.
 
-        A refused connection is retried on the tier's next endpoint (safe: nothing was sent).
+        A refused connection is retried on the tier's next upstream (safe: nothing was sent).
         Raises UpstreamFailure (refused, timeout, 5xx, breaker open, overloaded, a stream
         without SSE) when another tier may be tried, ProxyError for a 4xx the client must see.
         """
@@ -370,7 +370,7 @@ class TierClient:
             headers = {"Content-Type": "application/json", **self.auth_headers(auth)}
         await self._admit()
         data = orjson.dumps({**payload, "model": self.model})
-        tried: list[Endpoint] = []
+        tried: list[Upstream] = []
         while True:
             ep = self.pick(tried)
             if ep is None:
@@ -389,11 +389,11 @@ class TierClient:
                 self._leave()
                 raise
 
-    async def _send(self, ep: Endpoint, path: str, data: bytes, stream: bool,
+    async def _send(self, ep: Upstream, path: str, data: bytes, stream: bool,
                     headers: dict[str, str]) -> OpenResponse:
         assert self.session is not None
         ep.in_flight += 1
-        if ep.state == Endpoint.HALF_OPEN:
+        if ep.state == Upstream.HALF_OPEN:
             ep.probing = True
         self._inflight_gauge.inc()
         released = False
@@ -442,7 +442,7 @@ class TierClient:
             if resp.status >= 500 or resp.status == 429 or resp.status < 400:
                 raise fail(err, f"http_{resp.status}")
             release()
-            ep.on_success()  # a 4xx is the request's fault, not the endpoint's
+            ep.on_success()  # a 4xx is the request's fault, not the upstream's
             raise err
         ctype = resp.headers.get("Content-Type", "")
         expected = "text/event-stream" if stream else "application/json"
@@ -476,18 +476,18 @@ async def read_limited(resp: aiohttp.ClientResponse, limit: int, tier: str) -> b
 
 
 class _Refused(Exception):
-    """Connection refused: nothing was sent, another endpoint may be tried."""
+    """Connection refused: nothing was sent, another upstream may be tried."""
 
 
 class OpenResponse:
     """A 200 response being read; ``close`` frees its connection and its slots."""
 
-    __slots__ = ("_closed", "_leave", "_release", "endpoint", "resp")
+    __slots__ = ("_closed", "_leave", "_release", "resp", "upstream")
 
-    def __init__(self, resp: aiohttp.ClientResponse, endpoint: Endpoint,
+    def __init__(self, resp: aiohttp.ClientResponse, upstream: Upstream,
                  release: Callable[[], None], leave: Callable[[], None]) -> None:
         self.resp = resp
-        self.endpoint = endpoint
+        self.upstream = upstream
         self._release = release
         self._leave = leave
         self._closed = False
@@ -495,7 +495,7 @@ class OpenResponse:
     def close(self, reuse: bool = False, ok: bool | None = None) -> None:
         """Give the connection back to the pool (``reuse``, after a complete read) or drop it
         (a cancelled or broken stream: closing it is what cancels the request in vLLM).
-        ``ok`` tells the endpoint's breaker how the response ended."""
+        ``ok`` tells the upstream's breaker how the response ended."""
         if self._closed:
             return
         self._closed = True
@@ -504,8 +504,8 @@ class OpenResponse:
         else:
             self.resp.close()
         if ok is True:
-            self.endpoint.on_success()
+            self.upstream.on_success()
         elif ok is False:
-            self.endpoint.on_failure(time.monotonic())
+            self.upstream.on_failure(time.monotonic())
         self._release()
         self._leave()
