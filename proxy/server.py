@@ -20,7 +20,7 @@ from aiohttp.abc import AbstractAccessLogger
 from proxy import gcwatch, passthrough
 from proxy.admin import Admin
 from proxy.config import Config
-from proxy.errors import method_not_allowed, no_route
+from proxy.errors import ProxyError, method_not_allowed, no_route
 from proxy.handlers import Proxy
 from proxy.metrics import Metrics
 
