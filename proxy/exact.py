@@ -337,3 +337,5 @@ class ExactCache:
     def update_gauges(self) -> None:
         self.metrics.cache_entries.labels("l1").set(len(self.l1))
         self.metrics.cache_bytes.labels("l1").set(self.l1.bytes)
+        self.metrics.cache_capacity_bytes.labels("l1").set(self.cfg.l1_max_bytes)
+        self.metrics.cache_capacity_entries.labels("l1").set(self.cfg.l1_max_entries)

@@ -8,17 +8,40 @@ as in the tests). The cost ledger is the pair of counters ``edge_proxy_cost_spen
 
 from __future__ import annotations
 
+import platform
 from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+import prometheus_client
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
+from proxy import __version__
 from proxy.config import TierConfig
 from proxy.keys import tenant_of
+
+# No NAME_created series: they double the counters' series and no dashboard or alert uses them.
+prometheus_client.disable_created_metrics()
+
+#: cgroup v2, then v1: the container's memory limit (absent or "max" = unlimited).
+CGROUP_MEMORY_LIMIT: Final = (Path("/sys/fs/cgroup/memory.max"),
+                              Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
 
 LATENCY_BUCKETS: Final = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05,
                           0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -108,6 +131,58 @@ class HotPath(Collector):
 OTHER: Final = "other"
 
 
+class OptionalGauge(Collector):
+    """A gauge with no sample until set: "not configured" is absent, never a false 0.
+
+    ``edge_proxy_redis_up`` without a configured Redis has no sample (so an alert on
+    ``edge_proxy_redis_up == 0`` means a configured Redis is down, never "disabled").
+    """
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+        self.name, self.documentation = name, documentation
+        self.value: float | None = None
+        registry.register(self)
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+
+    def collect(self) -> Iterator[Metric]:
+        g = GaugeMetricFamily(self.name, self.documentation)
+        if self.value is not None:
+            g.add_metric([], self.value)
+        yield g
+
+
+def memory_limit_bytes() -> float | None:
+    """The cgroup's memory limit, or None when unlimited or unknown."""
+    for path in CGROUP_MEMORY_LIMIT:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:  # v1 says "unlimited" with ~2^63
+            return float(text)
+        return None
+    return None
+
+
+class ProcessInfo(Collector):
+    """edge_proxy_build_info and the container memory limit (process_* come from
+    prometheus-client's ProcessCollector)."""
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily("edge_proxy_build_info", "Always 1; the labels say what runs",
+                                 labels=["version", "python"])
+        info.add_metric([__version__, platform.python_version()], 1)
+        yield info
+        limit = GaugeMetricFamily("edge_proxy_memory_limit_bytes",
+                                  "The container's (cgroup) memory limit; no sample if unlimited")
+        value = memory_limit_bytes()
+        if value is not None:
+            limit.add_metric([], value)
+        yield limit
+
+
 class Metrics:
     """Every metric the proxy exports, registered on one registry.
 
@@ -123,6 +198,8 @@ class Metrics:
         # The per-request metrics live in plain dicts (HotPath), exported at scrape time.
         self.hot = HotPath()
         r.register(self.hot)
+        r.register(ProcessInfo())
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, _open_fds, _cpu_seconds
         self.errors = Counter("edge_proxy_errors", "Error responses by status and code",
                               ["status", "code"], registry=r)
         self.upstream_ttft = Histogram("edge_proxy_upstream_first_byte_seconds",
@@ -150,11 +227,18 @@ class Metrics:
                                    ["layer"], registry=r)
         self.cache_bytes = Gauge("edge_proxy_cache_bytes", "Bytes per cache layer", ["layer"],
                                  registry=r)
+        self.cache_capacity_bytes = Gauge("edge_proxy_cache_capacity_bytes",
+                                          "Configured byte cap per cache layer", ["layer"],
+                                          registry=r)
+        self.cache_capacity_entries = Gauge("edge_proxy_cache_capacity_entries",
+                                            "Configured entry cap per cache layer", ["layer"],
+                                            registry=r)
         self.cache_stores = Counter("edge_proxy_cache_stores", "Answers stored, by layer",
                                     ["layer"], registry=r)
         self.cache_skips = Counter("edge_proxy_cache_store_skipped",
                                    "Answers not stored, by reason", ["reason"], registry=r)
-        self.redis_up = Gauge("edge_proxy_redis_up", "1 if the shared Redis answers", registry=r)
+        self.redis_up = OptionalGauge("edge_proxy_redis_up", "1 if the shared Redis answers, 0 "
+                                      "if it does not; no sample when none is configured", r)
         self.redis_errors = Counter("edge_proxy_redis_errors", "Failed Redis commands", ["op"],
                                     registry=r)
         self.embed_seconds = Histogram("edge_proxy_embed_seconds",
@@ -203,8 +287,8 @@ class Metrics:
                                   ["namespace"], registry=r)
         self.route_decisions = Counter("edge_proxy_route_decisions",
                                        "Routed requests by chosen tier", ["tier"], registry=r)
-        self.shared_up = Gauge("edge_proxy_shared_stream_up",
-                               "1 while the shared semantic stream is being tailed", registry=r)
+        self.shared_up = OptionalGauge("edge_proxy_shared_stream_up", "1 while the shared "
+                                       "semantic stream is tailed; no sample if not shared", r)
         self.shared_lag = Histogram("edge_proxy_shared_propagation_seconds",
                                     "From an entry's creation on one sidecar to its arrival here",
                                     buckets=LATENCY_BUCKETS, registry=r)

@@ -317,3 +317,4 @@ class SemanticCache:
         for ns, st in list(self.budget_stats().items())[:100]:  # bounded label set
             self.metrics.semantic_error_estimate.labels(ns).set(st["estimated_error_rate"])
             self.metrics.semantic_cut.labels(ns).set(st["cut"])
+        self.metrics.cache_capacity_entries.labels("semantic").set(self.cfg.capacity)
