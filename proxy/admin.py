@@ -1,10 +1,12 @@
-"""Admin API: stats, purge (a namespace or one key), snapshot now.
+"""Admin API: stats, purge (a namespace or one key), snapshot now, and the status page.
 
 Every route needs ``Authorization: Bearer <server.admin_token>``, compared in constant time;
 without a configured token the admin API answers 404 (it does not exist). Namespaces are named as
 the proxy names them: ``key:<hash of the API key>`` (or ``anon``), then ``/ns:<x-cache-namespace>``
 for a partition within it; ``ns:<x-cache-namespace>`` with ``cache.trust_namespace_header``.
 A purge names one namespace exactly (a tenant's partitions are namespaces of their own).
+The status page (``/admin/``) is static HTML that asks for the token, then reads /admin/stats
+with it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy import gcwatch
+from proxy import __version__, gcwatch, status
 from proxy.errors import ProxyError, bad_request
 from proxy.handlers import Proxy
 
@@ -25,16 +27,47 @@ def _json(obj: Any, status: int = 200) -> web.Response:
 
 
 class Admin:
-    """The /admin/* handlers of one proxy."""
+    """The /admin/* handlers of one proxy (``app[ADMIN_KEY]``)."""
 
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
         self.token = proxy.config.server.admin_token.encode()
+        self.series = status.Series(proxy.metrics)
+        self.page_html = status.page()
+        self.page_csp = status.csp(self.page_html)
 
     def routes(self, app: web.Application) -> None:
+        app[ADMIN_KEY] = self
+        app.router.add_get("/admin/", self.page)
+        app.router.add_get("/admin", self.page)
         app.router.add_get("/admin/stats", self.stats)
         app.router.add_post("/admin/purge", self.purge)
         app.router.add_post("/admin/snapshot", self.snapshot)
+
+        async def start_series(app: web.Application) -> None:
+            if self.token:
+                self.series.start()
+
+        async def stop_series(app: web.Application) -> None:
+            await self.series.close()
+
+        app.on_startup.append(start_series)
+        app.on_cleanup.append(stop_series)
+
+    async def page(self, request: web.Request) -> web.StreamResponse:
+        """The status page. The HTML holds no data (it reads /admin/stats with the token the
+        user gives it), so it is served without the token, but only where the admin API
+        exists."""
+        if not self.token:
+            return ProxyError(404, "the admin API is disabled (set server.admin_token)",
+                              code="not_found").response()
+        if request.path == "/admin":
+            raise web.HTTPPermanentRedirect("/admin/")
+        return web.Response(body=self.page_html, content_type="text/html", charset="utf-8",
+                            headers={"Content-Security-Policy": self.page_csp,
+                                     "Cache-Control": "no-store", "Referrer-Policy": "no-referrer",
+                                     "X-Content-Type-Options": "nosniff",
+                                     "X-Frame-Options": "DENY"})
 
     def _check(self, request: web.Request) -> None:
         if not self.token:
@@ -83,6 +116,8 @@ class Admin:
             "tiers": {n: {"model": t.model, "active": t.active,
                           "endpoints": [{"url": e.url, "state": e.state, "in_flight": e.in_flight}
                                         for e in t.endpoints]} for n, t in p.tiers.items()},
+            "version": __version__,
+            **await status.status_extras(p, self.series),
         }
         return _json(body)
 
@@ -120,3 +155,6 @@ class Admin:
                               code="snapshot_disabled").response()
         n = await sem.snapshot_async()
         return _json({"snapshot": sem.cfg.snapshot_path, "entries": n})
+
+
+ADMIN_KEY = web.AppKey("admin", Admin)

@@ -288,6 +288,11 @@ class Embedder:
         # others; wait_for on a future adds only a timer, no task
         return await asyncio.wait_for(asyncio.shield(fut), timeout)
 
+    @property
+    def queued(self) -> int:
+        """Texts waiting for (or in) the worker: the embed queue."""
+        return len(self._pending)
+
     def _done(self, key: bytes, fut: asyncio.Future[np.ndarray]) -> None:
         self._pending.pop(key, None)
         self._enqueued.pop(key, None)
