@@ -153,7 +153,11 @@ class Admin:
         if sem is None or not sem.cfg.snapshot_path:
             return ProxyError(409, "no semantic.snapshot_path configured",
                               code="snapshot_disabled").response()
-        n = await sem.snapshot_async()
+        try:
+            n = await sem.snapshot_async()
+        except OSError as exc:
+            return ProxyError(500, f"snapshot not written: {exc.strerror or exc}",
+                              err_type="server_error", code="snapshot_failed").response()
         return _json({"snapshot": sem.cfg.snapshot_path, "entries": n})
 
 

@@ -24,6 +24,7 @@ from proxy.exact import ExactCache
 from proxy.feedback import ServedLedger, answer_text, texts_agree
 from proxy.flight import Cursor, Flight, cancel_all, drain
 from proxy.keys import CHAT, COMPLETIONS, namespace_of, request_keys
+from proxy.logs import REQUEST_ID
 from proxy.metrics import Metrics
 from proxy.router import Router
 from proxy.semantic.cache import SemanticCache, SemanticHit
@@ -195,6 +196,7 @@ class Proxy:
     async def complete(self, request: web.Request, endpoint: str) -> web.StreamResponse:
         """A completion request; the one place where its ProxyError becomes a response."""
         call = Call(request, endpoint, time.perf_counter())
+        REQUEST_ID.set(call.request_id)  # every log line of this request (and its tasks) names it
         try:
             return await self._complete(call)
         except ProxyError as err:

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import time as _time
+from collections.abc import Callable
 from typing import Final
 
 import orjson
@@ -22,6 +23,7 @@ from proxy.admin import Admin
 from proxy.config import Config
 from proxy.errors import ProxyError
 from proxy.handlers import Proxy
+from proxy.logs import ACCESS_LOGGER
 from proxy.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -192,8 +194,9 @@ def connection_limit(configured: int) -> int:
 class Server:
     """Runs the proxy until SIGTERM/SIGINT, then drains and closes."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, load: Callable[[], Config] | None = None) -> None:
         self.config = config
+        self.load = load  # SIGHUP loads the configuration again with it (proxy/reload.py)
 
     async def serve(self, ready: asyncio.Event | None = None) -> None:
         cfg = self.config.server
@@ -202,7 +205,7 @@ class Server:
         # share of the upstream request
         access: dict[str, object] = {"access_log": None}
         if cfg.access_log:
-            access = {"access_log": logging.getLogger("edge_proxy.access"),
+            access = {"access_log": logging.getLogger(ACCESS_LOGGER),
                       "access_log_class": JsonAccessLogger}
         runner = web.AppRunner(app, handler_cancellation=True,
                                shutdown_timeout=cfg.shutdown_timeout_s, **access)  # type: ignore[arg-type]
@@ -227,6 +230,14 @@ class Server:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        if self.load is not None:
+            from proxy import reload
+
+            load = self.load
+            loop.add_signal_handler(signal.SIGHUP, lambda: reload.reload(proxy, load))
+        else:  # nothing to reload from: say so instead of dying of the default action
+            loop.add_signal_handler(signal.SIGHUP, lambda: log.warning(
+                "SIGHUP ignored: no configuration source to reload"))
         if ready is not None:
             ready.set()
         try:
