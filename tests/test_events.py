@@ -45,13 +45,13 @@ def events_config(tmp_path: Path, **events: Any) -> Any:
 
 
 def test_config_checks() -> None:
-    with pytest.raises(ConfigError, match="events.sink"):
+    with pytest.raises(ConfigError, match=r"events\.sink"):
         load_config(env={}, overrides={"events": {"sink": "kafka"}})
-    with pytest.raises(ConfigError, match="events.path"):
+    with pytest.raises(ConfigError, match=r"events\.path"):
         load_config(env={}, overrides={"events": {"sink": "file"}})
-    with pytest.raises(ConfigError, match="events.path: directory"):
+    with pytest.raises(ConfigError, match=r"events\.path: directory"):
         load_config(env={}, overrides={"events": {"sink": "file", "path": "/no/such/dir/x"}})
-    with pytest.raises(ConfigError, match="events.redis_url"):
+    with pytest.raises(ConfigError, match=r"events\.redis_url"):
         load_config(env={}, overrides={"events": {"sink": "redis"}})
 
 
