@@ -20,10 +20,33 @@ from aiohttp import web
 from proxy import __version__, gcwatch, status
 from proxy.errors import ProxyError, bad_request
 from proxy.handlers import Proxy
+from proxy.keys import namespace_of
 
 
 def _json(obj: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json")
+
+
+def resolve_namespace(req: dict[str, Any]) -> str:
+    """The namespace label from an admin request, as the client knows it:
+
+    - ``"namespace"``: the label itself (``ns:team-a``, ``key:<hash>``, ``anon``), or the bare
+      ``x-cache-namespace`` value (``team-a`` -> ``ns:team-a``);
+    - ``"x_cache_namespace"``: the header value;
+    - ``"api_key"``: the caller's API key (-> ``key:<hash>``, as the proxy derives it from
+      ``Authorization: Bearer <key>``).
+    """
+    if isinstance(req.get("api_key"), str) and req["api_key"]:
+        return namespace_of(None, "Bearer " + req["api_key"])
+    if isinstance(req.get("x_cache_namespace"), str) and req["x_cache_namespace"]:
+        return namespace_of(req["x_cache_namespace"], None)
+    ns = req.get("namespace")
+    if not isinstance(ns, str) or not ns:
+        raise bad_request("'namespace' (string), 'x_cache_namespace' or 'api_key' is required",
+                          "namespace")
+    if ns.startswith(("ns:", "key:")) or ns == "anon":
+        return ns
+    return namespace_of(ns, None)
 
 
 class Admin:
@@ -43,6 +66,7 @@ class Admin:
         app.router.add_get("/admin/stats", self.stats)
         app.router.add_post("/admin/purge", self.purge)
         app.router.add_post("/admin/snapshot", self.snapshot)
+        app.router.add_post("/admin/namespace", self.namespace)
 
         async def start_series(app: web.Application) -> None:
             if self.token:
@@ -129,18 +153,35 @@ class Admin:
             except orjson.JSONDecodeError:
                 raise bad_request("body must be JSON: {\"namespace\": ...} or {\"key\": ..., "
                                   "\"namespace\": ...}", code="invalid_json") from None
-            if not isinstance(req, dict) or not isinstance(req.get("namespace"), str):
-                raise bad_request("'namespace' (string) is required", "namespace")
-            ns = req["namespace"]
+            if not isinstance(req, dict):
+                raise bad_request("body must be a JSON object", "namespace")
+            ns = resolve_namespace(req)
             if "key" in req:
                 try:
                     key = bytes.fromhex(req["key"])
                 except (TypeError, ValueError):
                     raise bad_request("'key' must be the hex exact key", "key") from None
-                found = await self.proxy.purge_key(key, ns)
-                return _json({"purged": int(found)})
-            counts = await self.proxy.purge_namespace(ns)
-            return _json({"purged": counts})
+                counts = await self.proxy.purge_key(key, ns)
+            else:
+                counts = await self.proxy.purge_namespace(ns)
+            # what was really removed, per layer (a key given with another namespace: 0)
+            return _json({"namespace": ns, "purged": counts, "total": sum(counts.values())})
+        except ProxyError as err:
+            return err.response()
+
+    async def namespace(self, request: web.Request) -> web.Response:
+        """POST {"api_key": "sk-..."} or {"x_cache_namespace": "team-a"}: the namespace the
+        proxy files that caller's entries under (for purge, metrics, the event log). POST, so
+        the key never lands in a URL or an access log; it is hashed, never stored."""
+        try:
+            self._check(request)
+            try:
+                req = orjson.loads(await request.read())
+            except orjson.JSONDecodeError:
+                raise bad_request("body must be JSON", code="invalid_json") from None
+            if not isinstance(req, dict) or not ({"api_key", "x_cache_namespace"} & set(req)):
+                raise bad_request("give 'api_key' or 'x_cache_namespace'", "api_key")
+            return _json({"namespace": resolve_namespace(req)})
         except ProxyError as err:
             return err.response()
 

@@ -133,14 +133,17 @@ class Proxy:
                 self.semantic.shared.publish_purge(namespace)
         return {"l1": l1, "l2": l2, "semantic": sem}
 
-    async def purge_key(self, key: bytes, namespace: str) -> bool:
-        """Drop one exact key (and its semantic entry), everywhere."""
-        found = await self.cache.delete(key, namespace)
+    async def purge_key(self, key: bytes, namespace: str) -> dict[str, int]:
+        """Drop one exact key of ``namespace`` (and its semantic entry), everywhere; what was
+        removed here and in Redis, per layer (a key of another namespace: nothing)."""
+        l1, l2 = await self.cache.delete(key, namespace)
+        sem = 0
         if self.semantic is not None:
-            found = self.semantic.index.remove(key) or found
+            if self.semantic.index.namespace_of(key) == namespace:
+                sem = int(self.semantic.index.remove(key))
             if self.semantic.shared is not None:
                 self.semantic.shared.publish_purge(namespace, key)
-        return found
+        return {"l1": l1, "l2": l2, "semantic": sem}
 
     # -- resolution ------------------------------------------------------------------------
     def _index_models(self) -> None:
