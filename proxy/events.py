@@ -2,9 +2,14 @@
 
 Fields (``edge-proxy report`` reads them; README "Event log" documents them):
 
-    ts, request_id, namespace, endpoint, model, tier, outcome, similarity, stream,
+    ts, request_id, namespace, endpoint, model, tier, outcome, similarity, stream, joined,
     prompt_tokens, completion_tokens, cost_usd, saved_usd, latency_ms, ttfb_ms,
     upstream_status, status [, prompt]
+
+``outcome`` is the x-cache value (hit-exact, hit-semantic, miss, bypass) or ``error``;
+``joined`` marks a miss that shared an identical request's upstream call (single-flight), so its
+``cost_usd`` is 0 and ``saved_usd`` what its own call would have cost. ``ttfb_ms`` is set for
+streams (first byte to the client); ``latency_ms`` runs to the last byte.
 
 ``namespace`` is the proxy's label (``ns:<x-cache-namespace>`` or ``key:<hash>``): never an API
 key or any header. ``prompt`` (the last user message, or the prompt) is present only with
@@ -39,8 +44,8 @@ from proxy.config import Config
 log = logging.getLogger(__name__)
 
 FIELDS: Final = ("ts", "request_id", "namespace", "endpoint", "model", "tier", "outcome",
-                 "similarity", "stream", "prompt_tokens", "completion_tokens", "cost_usd",
-                 "saved_usd", "latency_ms", "ttfb_ms", "upstream_status", "status")
+                 "similarity", "stream", "joined", "prompt_tokens", "completion_tokens",
+                 "cost_usd", "saved_usd", "latency_ms", "ttfb_ms", "upstream_status", "status")
 BATCH: Final = 1000
 
 
@@ -155,7 +160,8 @@ def _write_file(fh: IO[bytes], batch: list[bytes]) -> None:
 
 def event(*, request_id: str, namespace: str, endpoint: str, model: str, tier: str,
           outcome: str, status: int, latency_s: float, ttfb_s: float | None = None,
-          similarity: float | None = None, stream: bool = False, prompt_tokens: int = 0,
+          similarity: float | None = None, stream: bool = False, joined: bool = False,
+          prompt_tokens: int = 0,
           completion_tokens: int = 0, cost_usd: float = 0.0, saved_usd: float = 0.0,
           upstream_status: int | None = None, prompt: str | None = None) -> dict[str, Any]:
     """One event, fields in FIELDS order (``prompt`` last, dropped unless log_prompts)."""
@@ -163,6 +169,7 @@ def event(*, request_id: str, namespace: str, endpoint: str, model: str, tier: s
         "ts": round(time.time(), 3), "request_id": request_id, "namespace": namespace,
         "endpoint": endpoint, "model": model, "tier": tier, "outcome": outcome,
         "similarity": None if similarity is None else round(similarity, 4), "stream": stream,
+        "joined": joined,
         "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
         "cost_usd": round(cost_usd, 10), "saved_usd": round(saved_usd, 10),
         "latency_ms": round(latency_s * 1000, 3),

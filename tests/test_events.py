@@ -161,3 +161,61 @@ def test_report_cli_tables_json_and_plots(tmp_path: Path) -> None:
     for name in ("cost_by_namespace.png", "cost_by_tier.png", "cost_by_hour.png"):
         png = (tmp_path / "plots" / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000, name
+
+
+async def test_proxy_writes_one_event_per_request(make_proxy: Any, tmp_path: Path,
+                                                  tiers: Any) -> None:
+    """A known workload through a real proxy: one event per request, the same totals as
+    /admin/stats, joins counted as saved, no prompt and no API key in the log; then
+    ``edge-proxy report`` over the file agrees."""
+    import asyncio
+
+    import aiohttp
+
+    path = tmp_path / "events.jsonl"
+    p = await make_proxy(server={"admin_token": "t"},
+                         events={"sink": "file", "path": str(path), "flush_interval_s": 0.01})
+    a = p.client(api_key="sk-secret-a", default_headers={"x-cache-namespace": "team-a"})
+    b = p.client(api_key="sk-secret-b")
+    msg = [{"role": "user", "content": "What is the capital of France?"}]
+    for _ in range(3):  # miss, hit, hit
+        await a.chat.completions.create(model="auto", messages=msg)
+    stream = await a.chat.completions.create(  # a streamed miss of another question
+        model="large-70b", stream=True,
+        messages=[{"role": "user", "content": "Write a haiku about the sea."}])
+    async for _ in stream:
+        pass
+    # four identical requests at once: one upstream call, three joins
+    tiers["small"].mock.ttft_ms = 200
+    burst = [{"role": "user", "content": "Name the planets of the solar system."}]
+    await asyncio.gather(*(b.chat.completions.create(model="small-8b", messages=burst)
+                           for _ in range(4)))
+    with pytest.raises(Exception, match="model"):
+        await b.chat.completions.create(model="nope", messages=msg)
+    async with aiohttp.ClientSession() as s, s.get(
+            p.url + "/admin/stats", headers={"Authorization": "Bearer t"}) as r:
+        stats = await r.json()
+    await p.proxy.events.flush()
+
+    evs = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(evs) == 3 + 1 + 4 + 1
+    outcomes = [e["outcome"] for e in evs]
+    assert outcomes.count("hit-exact") == 2 and outcomes.count("error") == 1
+    assert sum(e["joined"] for e in evs) == 3
+    assert sum(e["cost_usd"] > 0 for e in evs) == 3  # three upstream calls
+    assert sum(e["cost_usd"] for e in evs) == pytest.approx(stats["cost"]["spent_usd"])
+    assert sum(e["saved_usd"] for e in evs) == pytest.approx(stats["cost"]["saved_usd"])
+    streamed = next(e for e in evs if e["stream"])
+    assert streamed["tier"] == "large" and streamed["ttfb_ms"] <= streamed["latency_ms"]
+    assert {e["namespace"] for e in evs if e["model"] == "auto"} == {"ns:team-a"}
+    err = next(e for e in evs if e["outcome"] == "error")
+    assert err["status"] == 404 and err["namespace"].startswith("key:")
+    text = path.read_text()
+    assert "sk-secret" not in text and "capital of France" not in text  # no key, no prompt
+    for e in evs:
+        assert set(FIELDS) <= set(e)
+
+    res = report_cli(str(path), "--by", "namespace", "--json")
+    rows = json.loads(res.stdout)["tables"]["namespace"]
+    assert sum(r["spent_usd"] for r in rows) == pytest.approx(stats["cost"]["spent_usd"])
+    assert sum(r["requests"] for r in rows) == len(evs)
