@@ -10,8 +10,10 @@ refreshes the README's screenshot.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +30,22 @@ ROOT = Path(__file__).resolve().parent.parent
 # fmt: the page's formats (proxy/static/status.html: usd, pct, ms, int)
 
 
+def fixed(x: float, digits: int) -> str:
+    """JavaScript's Number.prototype.toFixed: the exact value of the double, ties rounded up
+    (Python's format rounds ties to even: 0.125 -> '0.12' where the page shows '0.13')."""
+    return str(Decimal(x).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP))
+
+
 def usd(x: float) -> str:
-    return f"${x:.6f}"
+    return "$" + fixed(x, 6)
 
 
 def pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
+    return "-" if x is None else fixed(100 * x, 1) + "%"
 
 
 def ms(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2f}"
+    return "-" if x is None else fixed(x, 2)
 
 
 async def stats(url: str, token: str = TOKEN) -> tuple[int, Any]:
@@ -94,9 +102,16 @@ async def fresh_render(page: Page) -> None:
     await page.wait_for(f"Number(document.body.dataset.renders || 0) >= {before + 2}")
 
 
-async def test_status_page_shows_admin_stats(make_proxy: Any, tmp_path: Path) -> None:
-    p = await make_proxy(server={"admin_token": TOKEN})
+async def test_status_page_shows_admin_stats(make_proxy: Any, tmp_path: Path, redis_url: str,
+                                             redis_prefix: str) -> None:
+    p = await make_proxy(server={"admin_token": TOKEN},
+                         cache={"redis_url": redis_url, "redis_prefix": redis_prefix})
     await workload(p)
+    for _ in range(300):  # let the background stream writes land: then nothing changes
+        status, s = await stats(p.url)
+        if s["stream"]["length"] == s["semantic"]["entries"]:
+            break
+        await asyncio.sleep(0.01)
     async with Browser() as browser:
         page = await browser.new_page()
         await page.goto(p.url + f"/admin/#token={TOKEN}")
@@ -154,8 +169,12 @@ async def test_status_page_shows_admin_stats(make_proxy: Any, tmp_path: Path) ->
         for url, (name, t, e) in eps.items():
             assert rows[url] == [name, t["model"], url, str(e["in_flight"]), e["state"]]
 
-        assert await text(page, "v-redis") == s["cache"]["redis"] == "disabled"
-        assert await text(page, "v-stream") == s["stream"]["state"] == "disabled"
+        assert await text(page, "v-redis") == s["cache"]["redis"] == "up"
+        st = s["stream"]
+        assert await text(page, "v-stream") == st["state"] == "up"
+        assert await text(page, "v-stream-length") == str(st["length"])
+        assert await text(page, "v-stream-lag") == f"{st['lag_ms']} ms"
+        assert await text(page, "v-stream-applied") == str(st["applied"])
         assert await text(page, "v-l1-entries") == str(s["cache"]["l1_entries"])
         assert await text(page, "v-sem-entries") == str(s["semantic"]["entries"])
         assert await text(page, "v-embed-queue") == str(s["embedder"]["queued"])
@@ -217,3 +236,21 @@ async def test_status_page_http(make_proxy: Any) -> None:
         for needle in ("http://", "https://", "//cdn", "<link", "src="):
             assert needle not in html.replace("http://www.w3.org/2000/svg", ""), needle
         assert (await stats(on.url, "nope"))[0] == 401
+
+
+async def test_stats_show_redis_and_the_shared_stream(make_proxy: Any, redis_url: str,
+                                                      redis_prefix: str) -> None:
+    p = await make_proxy(server={"admin_token": TOKEN},
+                         cache={"redis_url": redis_url, "redis_prefix": redis_prefix})
+    await p.client().chat.completions.create(
+        model="auto", messages=[{"role": "user", "content": "Why is the sky blue?"}])
+    for _ in range(200):  # the entry's announcement reaches the stream in the background
+        _, s = await stats(p.url)
+        if s["stream"]["length"]:
+            break
+        await asyncio.sleep(0.01)
+    assert s["cache"]["redis"] == "up"
+    st = s["stream"]
+    assert st["state"] == "up" and st["length"] >= 1 and isinstance(st["newest_id"], str)
+    assert st["lag_ms"] is not None and st["lag_ms"] >= 0
+    assert s["embedder"]["queued"] == 0 and s["semantic"]["entries"] >= 1
