@@ -150,7 +150,10 @@ async def _demo(requests: int, concurrency: int, redis: str | None) -> int:
         mock, runner, port = await start_mock(model, ttft_ms=ttft, tpot_ms=tpot, reply_tokens=40,
                                               chunk_tokens=2)
         mocks.append((name, mock, runner, port))
-    cfg = load_config(env={}, overrides={"cache": {"redis_url": redis or ""}},
+    # a generous embedding timeout: on a busy machine the demo should still show the semantic
+    # layer (a production proxy keeps 1 s and skips the layer instead of waiting)
+    cfg = load_config(env={}, overrides={"cache": {"redis_url": redis or ""},
+                                         "semantic": {"embed_timeout_s": 10.0}},
                       tier_flags=[f"{n}=http://127.0.0.1:{p}" for n, _, _, p in mocks])
     metrics = Metrics()
     app = build_app(cfg, metrics)
