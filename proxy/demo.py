@@ -192,7 +192,6 @@ async def _demo(requests: int, concurrency: int, redis: str | None) -> int:
     ok = [r for r in results if r.status == 200]
     errors = len(results) - len(ok)
 
-    calls = sum(m.requests for _, m, _, _ in mocks)  # before the direct sample below
     # straight to vLLM: a sample of the same requests sent to their tiers directly
     direct: list[float] = []
     async with aiohttp.ClientSession() as session:
@@ -220,6 +219,7 @@ async def _demo(requests: int, concurrency: int, redis: str | None) -> int:
     saved_layer = {o: sum(cost_usd(tiers[r.tier], r.prompt_tokens, r.completion_tokens)
                           for r in by[o]) for o in ("hit-exact", "hit-semantic")}
     joined = sum(led.joined.values())
+    calls = sum(led.calls.values())  # upstream completions billed (not the mocks' health checks)
     hits = len(by["hit-exact"]) + len(by["hit-semantic"])
     paraphrases = [r for r in ok if r.kind == "paraphrase"]
     para_hits = sum(r.outcome == "hit-semantic" for r in paraphrases)
