@@ -66,6 +66,7 @@ class EventLog:
         self.failed = 0
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()  # one batch write at a time, in order
         self._file: IO[bytes] | None = None
         self._redis: Any = None
         self._stream = stream_key(config).encode()
@@ -111,7 +112,11 @@ class EventLog:
             await self.flush()
 
     async def flush(self) -> None:
-        """Write what is pending now."""
+        """Write what is pending now (after any write already under way)."""
+        async with self._lock:
+            await self._flush()
+
+    async def _flush(self) -> None:
         while self.pending:
             batch, self.pending = self.pending[:BATCH * 10], self.pending[BATCH * 10:]
             try:

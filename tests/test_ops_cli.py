@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from proxy import __version__
-from proxy.config import ConfigError, load_config
+from proxy.config import ConfigError, SemanticConfig, load_config
 from tests.conftest import ROOT, free_port, run_cli
 from tests.test_exact import wait_http
 
@@ -48,7 +48,7 @@ def test_check_config_prints_the_effective_config(tmp_path: Path) -> None:
     assert printed["server"]["port"] == 9999  # the flag
     assert printed["cache"]["l1_max_entries"] == 1234  # the environment
     assert printed["semantic"]["threshold"] == 0.9  # the file
-    assert printed["semantic"]["embed_timeout_s"] == 1.0  # a default
+    assert printed["semantic"]["embed_timeout_s"] == SemanticConfig().embed_timeout_s  # default
     assert printed["tiers"]["small"]["price_input_per_m"] == 0.10  # a default price
     # what it prints loads again to the same configuration (the token aside)
     again = tmp_path / "again.toml"
