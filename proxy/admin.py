@@ -27,26 +27,32 @@ def _json(obj: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json")
 
 
-def resolve_namespace(req: dict[str, Any]) -> str:
+def resolve_namespace(req: dict[str, Any], trust_header: bool = False) -> str:
     """The namespace label from an admin request, as the client knows it:
 
-    - ``"namespace"``: the label itself (``ns:team-a``, ``key:<hash>``, ``anon``), or the bare
-      ``x-cache-namespace`` value (``team-a`` -> ``ns:team-a``);
-    - ``"x_cache_namespace"``: the header value;
-    - ``"api_key"``: the caller's API key (-> ``key:<hash>``, as the proxy derives it from
-      ``Authorization: Bearer <key>``).
+    - ``"api_key"`` (+ optional ``"x_cache_namespace"``): the namespace the proxy files that
+      caller's requests under (``key:<hash>``, ``key:<hash>/ns:<header>``);
+    - ``"namespace"``: the label itself (``key:...``, ``ns:...``, ``anon...``), or, with
+      ``cache.trust_namespace_header``, the bare header value (``team-a`` -> ``ns:team-a``);
+    - ``"x_cache_namespace"`` alone: with ``cache.trust_namespace_header`` only (else the header
+      is a partition of a tenant, and the tenant's API key is needed).
     """
-    if isinstance(req.get("api_key"), str) and req["api_key"]:
-        return namespace_of(None, "Bearer " + req["api_key"])
-    if isinstance(req.get("x_cache_namespace"), str) and req["x_cache_namespace"]:
-        return namespace_of(req["x_cache_namespace"], None)
+    header = req.get("x_cache_namespace")
+    header = header if isinstance(header, str) and header else None
+    key = req.get("api_key")
+    if isinstance(key, str) and key:
+        return namespace_of(header, "Bearer " + key, trust_header=trust_header)
     ns = req.get("namespace")
-    if not isinstance(ns, str) or not ns:
+    if isinstance(ns, str) and ns.startswith(("ns:", "key:", "anon")):
+        return ns
+    bare = header or (ns if isinstance(ns, str) and ns else None)
+    if bare is None:
         raise bad_request("'namespace' (string), 'x_cache_namespace' or 'api_key' is required",
                           "namespace")
-    if ns.startswith(("ns:", "key:")) or ns == "anon":
-        return ns
-    return namespace_of(ns, None)
+    if not trust_header:
+        raise bad_request("x-cache-namespace partitions a tenant: give the tenant's 'api_key' "
+                          "too, or the full label (key:<hash>/ns:<name>)", "api_key")
+    return namespace_of(bare, None, trust_header=True)
 
 
 class Admin:
@@ -155,7 +161,7 @@ class Admin:
                                   "\"namespace\": ...}", code="invalid_json") from None
             if not isinstance(req, dict):
                 raise bad_request("body must be a JSON object", "namespace")
-            ns = resolve_namespace(req)
+            ns = resolve_namespace(req, self.proxy.config.cache.trust_namespace_header)
             if "key" in req:
                 try:
                     key = bytes.fromhex(req["key"])
@@ -181,7 +187,8 @@ class Admin:
                 raise bad_request("body must be JSON", code="invalid_json") from None
             if not isinstance(req, dict) or not ({"api_key", "x_cache_namespace"} & set(req)):
                 raise bad_request("give 'api_key' or 'x_cache_namespace'", "api_key")
-            return _json({"namespace": resolve_namespace(req)})
+            return _json({"namespace": resolve_namespace(
+                req, self.proxy.config.cache.trust_namespace_header)})
         except ProxyError as err:
             return err.response()
 

@@ -228,9 +228,7 @@ class Proxy:
         if self.events.log_prompts and call.body:
             prompt = (call.keys.query_text if call.keys is not None and call.keys.query_text
                       else _prompt_text(call.endpoint, call.body))
-        return event(request_id=call.request_id, namespace=call.namespace or namespace_of(
-                         call.request.headers.get("x-cache-namespace"),
-                         call.request.headers.get("Authorization")),
+        return event(request_id=call.request_id, namespace=call.namespace or "-",
                      endpoint=call.endpoint, model=call.model, tier=call.tier,
                      outcome=call.outcome or "error", status=status, latency_s=now - call.t0,
                      ttfb_s=None if call.ttfb is None else call.ttfb - call.t0,

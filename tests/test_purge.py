@@ -29,7 +29,9 @@ async def until_in_redis(p: Any) -> None:
 
 async def test_purge_by_key_reports_what_was_removed(make_proxy: Any, redis_url: str,
                                                      redis_prefix: str) -> None:
-    cache = {"redis_url": redis_url, "redis_prefix": redis_prefix}
+    # a gateway sets x-cache-namespace: the header names the tenant (ns:<name>)
+    cache = {"redis_url": redis_url, "redis_prefix": redis_prefix,
+             "trust_namespace_header": True}
     p = await make_proxy(server={"admin_token": TOKEN}, cache=cache)
     team_a = p.client(default_headers={"x-cache-namespace": "team-a"})
     r = await team_a.chat.completions.with_raw_response.create(model="auto", messages=MSG)
@@ -54,7 +56,7 @@ async def test_purge_by_key_reports_what_was_removed(make_proxy: Any, redis_url:
 
 
 async def test_purge_namespace_as_given_and_lookup_by_api_key(make_proxy: Any) -> None:
-    p = await make_proxy(server={"admin_token": TOKEN})
+    p = await make_proxy(server={"admin_token": TOKEN}, cache={"trust_namespace_header": True})
     await p.client(default_headers={"x-cache-namespace": "team-a"}).chat.completions.create(
         model="auto", messages=MSG)
     await p.client(api_key="sk-tenant-7").chat.completions.create(model="auto", messages=MSG)
@@ -77,3 +79,18 @@ async def test_purge_namespace_as_given_and_lookup_by_api_key(make_proxy: Any) -
     assert len(p.proxy.cache.l1) == 0
     assert (await admin(p.url, "/admin/namespace", {}))[0] == 400
     assert (await admin(p.url, "/admin/purge", {"namespace": ""}))[0] == 400
+
+
+async def test_namespace_lookup_when_the_header_only_partitions_a_tenant(
+        make_proxy: Any) -> None:
+    p = await make_proxy(server={"admin_token": TOKEN})  # default: the key is the tenant
+    await p.client(api_key="sk-t", default_headers={"x-cache-namespace": "team-a"}) \
+        .chat.completions.create(model="auto", messages=MSG)
+    status, body = await admin(p.url, "/admin/namespace",
+                               {"api_key": "sk-t", "x_cache_namespace": "team-a"})
+    assert status == 200 and body["namespace"].startswith("key:")
+    assert body["namespace"].endswith("/ns:team-a")
+    assert (await admin(p.url, "/admin/namespace", {"x_cache_namespace": "team-a"}))[0] == 400
+    status, purged = await admin(p.url, "/admin/purge", {"api_key": "sk-t",
+                                                        "x_cache_namespace": "team-a"})
+    assert purged["namespace"] == body["namespace"] and purged["purged"]["l1"] == 1

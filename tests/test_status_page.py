@@ -105,7 +105,8 @@ async def fresh_render(page: Page) -> None:
 async def test_status_page_shows_admin_stats(make_proxy: Any, tmp_path: Path, redis_url: str,
                                              redis_prefix: str) -> None:
     p = await make_proxy(server={"admin_token": TOKEN},
-                         cache={"redis_url": redis_url, "redis_prefix": redis_prefix})
+                         cache={"redis_url": redis_url, "redis_prefix": redis_prefix,
+                                "trust_namespace_header": True})
     await workload(p)
     for _ in range(300):  # let the background stream writes land: then nothing changes
         status, s = await stats(p.url)
