@@ -542,7 +542,7 @@ class Proxy:
         if rating == "bad":
             assert self.ledger is not None
             self.ledger.pop(rid)
-            removed = await self.purge_key(rec.key, rec.namespace)
+            removed = sum((await self.purge_key(rec.key, rec.namespace)).values()) > 0
             if rec.outcome == "hit-semantic" and self.semantic is not None:
                 self.semantic.bad_feedback(rec.namespace, rec.p, rec.vec)
         self.metrics.semantic_feedback.labels(rating, rec.outcome).inc()
