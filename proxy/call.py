@@ -50,10 +50,11 @@ def cache_directives(cache_control: str | None) -> tuple[bool, bool]:
 class Call:
     """The state of one /v1 completion request, filled in by the stages of the request path."""
 
-    __slots__ = ("body", "endpoint", "flight_key", "include_usage", "indexed", "keys", "lookup",
-                 "max_tokens", "model", "namespace", "outcome", "request", "request_id",
-                 "route_score", "routed", "sampled", "similarity", "store", "stored_tier",
-                 "stream", "t0", "tier", "vec")
+    __slots__ = ("body", "cost_usd", "endpoint", "flight_key", "include_usage", "indexed",
+                 "joined", "keys", "lookup", "max_tokens", "model", "namespace", "outcome",
+                 "request", "request_id", "route_score", "routed", "sampled", "saved_usd",
+                 "similarity", "store", "stored_tier", "stream", "t0", "tier", "ttfb", "usage",
+                 "vec")
 
     def __init__(self, request: web.Request, endpoint: str, t0: float) -> None:
         self.request = request
@@ -80,6 +81,12 @@ class Call:
         self.stored_tier: str | None = None  # its answer was stored, made by this tier
         self.indexed = False                # its vector went into the semantic index
         self.sampled: str | None = None     # cache.sampled, for a sampled request
+        # what it cost, for the event log (proxy/events.py), filled where the answer goes out
+        self.joined = False                 # served by an identical request's upstream call
+        self.usage: tuple[int, int] = (0, 0)  # prompt, completion tokens of the answer
+        self.cost_usd = 0.0                 # spent on the upstream for it
+        self.saved_usd = 0.0                # a hit's (or a join's) saving
+        self.ttfb: float | None = None      # perf_counter when the first byte went out
 
     def headers(self) -> dict[str, str]:
         """The proxy's response headers for this request, as far as it got."""

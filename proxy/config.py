@@ -318,11 +318,35 @@ def parse_flows(specs: tuple[str, ...], field_path: str, tiers: list[str]
 
 
 @dataclass(frozen=True, slots=True)
+class EventsConfig:
+    """The request event log (proxy/events.py): one JSON object per request, for cost
+    attribution (``edge-proxy report``)."""
+
+    #: "" (off), "stdout", "file" (JSON lines at ``path``) or "redis" (a bounded Redis Stream).
+    sink: str = ""
+    #: JSON-lines file for sink = "file" (appended; its directory must exist).
+    path: str = ""
+    #: Redis for sink = "redis"; empty = cache.redis_url.
+    redis_url: str = ""
+    #: Stream key; empty = <cache.redis_prefix>events.
+    stream: str = ""
+    #: Approximate bound of the stream (XADD MAXLEN ~).
+    stream_maxlen: int = 1_000_000
+    #: Put the last user message (or the prompt) into each event. Off: no prompt text at all.
+    log_prompts: bool = False
+    #: Events waiting to be written; past it new events are dropped (and counted).
+    max_pending: int = 100_000
+    #: Seconds between batched writes.
+    flush_interval_s: float = 0.2
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     semantic: SemanticConfig = field(default_factory=SemanticConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
     tiers: tuple[TierConfig, ...] = ()
 
     def tier(self, name: str) -> TierConfig:
@@ -481,6 +505,7 @@ def _validate(cfg: Config) -> Config:
     _check_server(cfg.server)
     _check_cache(cfg.cache)
     _check_semantic(cfg.semantic)
+    _check_events(cfg)
     cuts = cfg.router.cuts
     if cuts and (len(cuts) != len(names) - 1 or list(cuts) != sorted(cuts)):
         raise ConfigError(f"router.cuts: need {max(len(names) - 1, 0)} increasing numbers, one "
@@ -564,11 +589,38 @@ def _check_semantic(sem: SemanticConfig) -> None:
         raise ConfigError("semantic.embed_threads: must be >= 0 (0: the cores available)")
     if not 0 <= sem.embed_nice <= 19:
         raise ConfigError("semantic.embed_nice: must be in 0..19")
+    snap = sem.snapshot_path
+    if snap:
+        parent = Path(snap).resolve().parent
+        if not parent.is_dir():
+            raise ConfigError(f"semantic.snapshot_path: directory {str(parent)!r} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise ConfigError(f"semantic.snapshot_path: directory {str(parent)!r} is not "
+                              "writable")
     for i, pat in enumerate(sem.bypass_patterns):
         try:
             re.compile(pat)
         except re.error as exc:
             raise ConfigError(f"semantic.bypass_patterns[{i}]: {exc}") from None
+
+
+def _check_events(cfg: Config) -> None:
+    """The request event log: a known sink, and what that sink needs."""
+    ev = cfg.events
+    if ev.sink not in ("", "stdout", "file", "redis"):
+        raise ConfigError(f"events.sink: expected '', stdout, file or redis, got {ev.sink!r}")
+    if ev.sink == "file":
+        if not ev.path:
+            raise ConfigError("events.path: required with events.sink = file")
+        if not Path(ev.path).resolve().parent.is_dir():
+            raise ConfigError(f"events.path: directory {str(Path(ev.path).parent)!r} does not "
+                              "exist")
+    if ev.sink == "redis" and not (ev.redis_url or cfg.cache.redis_url):
+        raise ConfigError("events.redis_url: required with events.sink = redis (or set "
+                          "cache.redis_url)")
+    if ev.stream_maxlen < 1 or ev.max_pending < 1 or ev.flush_interval_s <= 0:
+        raise ConfigError("events: stream_maxlen and max_pending must be >= 1, "
+                          "flush_interval_s > 0")
 
 
 def _env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
@@ -653,3 +705,43 @@ def _assemble(data: dict[str, Any], tiers_data: dict[str, dict[str, Any]]) -> Co
     kwargs: dict[str, Any] = {s: _build(hints[s], data.get(s, {}), s) for s in sections}
     kwargs["tiers"] = tuple(_tier(name, t) for name, t in tiers_data.items())
     return Config(**kwargs)
+
+
+#: Fields whose values check-config never prints.
+SECRET_FIELDS: Final = frozenset({"admin_token"})
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, tuple | list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    s = str(v)
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def effective_toml(cfg: Config) -> str:
+    """The whole effective configuration as TOML (defaults included, secrets redacted):
+    what ``edge-proxy check-config`` prints, loadable again with ``--config``."""
+    lines: list[str] = []
+    for f in dataclasses.fields(cfg):
+        if f.name == "tiers":
+            continue
+        lines.append(f"[{f.name}]")
+        section = getattr(cfg, f.name)
+        for sf in dataclasses.fields(section):
+            value = getattr(section, sf.name)
+            if sf.name in SECRET_FIELDS and value:
+                lines.append(f'{sf.name} = "<redacted: {len(value)} characters>"')
+            else:
+                lines.append(f"{sf.name} = {_toml_value(value)}")
+        lines.append("")
+    for t in cfg.tiers:
+        lines.append(f"[tiers.{t.name}]")
+        for sf in dataclasses.fields(t):
+            if sf.name != "name":
+                lines.append(f"{sf.name} = {_toml_value(getattr(t, sf.name))}")
+        lines.append("")
+    return "\n".join(lines)

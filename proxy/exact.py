@@ -143,6 +143,13 @@ class L1Cache:
         self.bytes -= item[0].size
         return True
 
+    def delete_in(self, key: bytes, namespace: str) -> bool:
+        """Remove ``key`` only if it belongs to ``namespace``; True if it was removed."""
+        item = self._data.get(key)
+        if item is None or item[2] != namespace:
+            return False
+        return self.delete(key)
+
     def clear(self) -> None:
         self._data.clear()
         self.bytes = 0
@@ -321,12 +328,12 @@ class ExactCache:
         if self.l2 is not None:
             self.l2.put(key, answer, namespace, ttl_s)
 
-    async def delete(self, key: bytes, namespace: str) -> bool:
-        """Remove one entry from L1 and L2; True if it was in either."""
-        found = self.l1.delete(key)
-        if self.l2 is not None:
-            found = await self.l2.delete(key, namespace) or found
-        return found
+    async def delete(self, key: bytes, namespace: str) -> tuple[int, int]:
+        """Remove one entry of ``namespace`` from L1 and L2: (removed from L1, from L2). A key
+        given with another namespace than its own removes nothing."""
+        l1 = int(self.l1.delete_in(key, namespace))
+        l2 = int(await self.l2.delete(key, namespace)) if self.l2 is not None else 0
+        return l1, l2
 
     async def purge_namespace(self, namespace: str) -> tuple[int, int]:
         """Remove a namespace's entries; returns (L1 count, L2 count)."""

@@ -73,7 +73,8 @@ class Flight:
     __slots__ = ("_changed", "_task", "auth", "base", "body", "buffered", "chain", "cursors",
                  "done", "endpoint", "error", "events", "key", "metrics", "namespace",
                  "on_complete", "on_finish", "payload", "replayable", "started", "stream",
-                 "streamed", "subscribers", "tier", "usage_frame")
+                 "streamed", "subscribers", "tier", "usage",
+                 "usage_frame")
 
     def __init__(self, key: Any, namespace: str, endpoint: str, payload: dict[str, Any],
                  stream: bool,
@@ -96,6 +97,7 @@ class Flight:
         self.replayable = True              # all frames kept: a late joiner can still join
         self.cursors: set[Cursor] = set()
         self.usage_frame: bytes | None = None
+        self.usage: tuple[int, int] | None = None  # (prompt, completion) tokens billed
         self.body: bytes | None = None      # JSON body (non-stream)
         self.tier: TierClient | None = None  # the tier that answered
         self.started = False                # first event / body available
@@ -279,7 +281,7 @@ class Flight:
 
     def _complete(self, obj: dict[str, Any], raw: bytes | None, pt: int, ct: int) -> None:
         assert self.tier is not None
-        pt, ct = self._usage(obj, pt, ct)
+        pt, ct = self.usage = self._usage(obj, pt, ct)
         self.metrics.spend(self.tier.cfg, self.namespace, pt, ct)
         if is_complete(obj):
             body = raw if raw is not None else orjson.dumps(obj)
@@ -357,7 +359,7 @@ class Flight:
         if asm.cacheable:
             self._complete(asm.body(), None, pt, ct)
         else:
-            pt, ct = self._usage(asm.body(), pt, ct)
+            pt, ct = self.usage = self._usage(asm.body(), pt, ct)
             self.metrics.spend(self.tier.cfg, self.namespace, pt, ct)
             self.metrics.cache_skips.labels("not_cacheable").inc()
         self.done = True

@@ -20,11 +20,13 @@ from proxy.answer import CachedAnswer, fresh_ids
 from proxy.call import Call, cache_directives
 from proxy.config import Config
 from proxy.errors import ProxyError, model_not_found, payload_too_large, sse_error_event
+from proxy.events import EventLog, event
 from proxy.exact import ExactCache
 from proxy.feedback import ServedLedger, answer_text, texts_agree
 from proxy.flight import Cursor, Flight, cancel_all, drain
 from proxy.keys import CHAT, COMPLETIONS, namespace_of, request_keys
-from proxy.metrics import Metrics
+from proxy.logs import REQUEST_ID
+from proxy.metrics import Metrics, cost_usd
 from proxy.router import Router
 from proxy.semantic.cache import SemanticCache, SemanticHit
 from proxy.traffic import Traffic
@@ -100,6 +102,7 @@ class Proxy:
                                if sc.bypass_patterns else None)
         self._audits: set[Flight] = set()
         self._audit_tasks: set[asyncio.Task[None]] = set()
+        self.events = EventLog(config)
 
     async def start(self) -> None:
         await self.cache.start()
@@ -109,6 +112,7 @@ class Proxy:
         self._index_models()
         if self.semantic is not None:
             await self.semantic.start()
+        await self.events.start()
 
     async def close(self) -> None:
         await cancel_all(self.flights)
@@ -120,6 +124,7 @@ class Proxy:
         if self.semantic is not None:
             await self.semantic.close()
         await self.cache.close()
+        await self.events.close()
 
     async def purge_namespace(self, namespace: str) -> dict[str, int]:
         """Drop a namespace from every layer of this proxy, L2, and (shared mode) every
@@ -132,14 +137,17 @@ class Proxy:
                 self.semantic.shared.publish_purge(namespace)
         return {"l1": l1, "l2": l2, "semantic": sem}
 
-    async def purge_key(self, key: bytes, namespace: str) -> bool:
-        """Drop one exact key (and its semantic entry), everywhere."""
-        found = await self.cache.delete(key, namespace)
+    async def purge_key(self, key: bytes, namespace: str) -> dict[str, int]:
+        """Drop one exact key of ``namespace`` (and its semantic entry), everywhere; what was
+        removed here and in Redis, per layer (a key of another namespace: nothing)."""
+        l1, l2 = await self.cache.delete(key, namespace)
+        sem = 0
         if self.semantic is not None:
-            found = self.semantic.index.remove(key) or found
+            if self.semantic.index.namespace_of(key) == namespace:
+                sem = int(self.semantic.index.remove(key))
             if self.semantic.shared is not None:
                 self.semantic.shared.publish_purge(namespace, key)
-        return found
+        return {"l1": l1, "l2": l2, "semantic": sem}
 
     # -- resolution ------------------------------------------------------------------------
     def _index_models(self) -> None:
@@ -195,13 +203,41 @@ class Proxy:
     async def complete(self, request: web.Request, endpoint: str) -> web.StreamResponse:
         """A completion request; the one place where its ProxyError becomes a response."""
         call = Call(request, endpoint, time.perf_counter())
+        REQUEST_ID.set(call.request_id)  # every log line of this request (and its tasks) names it
         try:
-            return await self._complete(call)
+            resp = await self._complete(call)
         except ProxyError as err:
             self.metrics.errors.labels(str(err.status), err.code or "").inc()
             self.metrics.observe_request(endpoint, "error", call.tier,
                                          time.perf_counter() - call.t0)
-            return err.response(call.headers())
+            call.outcome = "error"
+            resp = err.response(call.headers())
+        except asyncio.CancelledError:  # the client went away
+            if self.events.enabled:
+                self.events.emit(self._event(call, 499))
+            raise
+        # the one place a request's outcome is complete (a stream: after its last byte)
+        if self.events.enabled:
+            self.events.emit(self._event(call, resp.status))
+        return resp
+
+    def _event(self, call: Call, status: int) -> dict[str, Any]:
+        """The request's event-log record (proxy/events.py)."""
+        now = time.perf_counter()
+        prompt = None
+        if self.events.log_prompts and call.body:
+            prompt = (call.keys.query_text if call.keys is not None and call.keys.query_text
+                      else _prompt_text(call.endpoint, call.body))
+        return event(request_id=call.request_id, namespace=call.namespace or "-",
+                     endpoint=call.endpoint, model=call.model, tier=call.tier,
+                     outcome=call.outcome or "error", status=status, latency_s=now - call.t0,
+                     ttfb_s=None if call.ttfb is None else call.ttfb - call.t0,
+                     similarity=None if call.similarity is None else float(call.similarity),
+                     stream=call.stream, prompt_tokens=call.usage[0],
+                     completion_tokens=call.usage[1], cost_usd=call.cost_usd,
+                     saved_usd=call.saved_usd, joined=call.joined,
+                     upstream_status=200 if call.outcome in ("miss", "bypass") and status == 200
+                     else None, prompt=prompt)
 
     async def _complete(self, call: Call) -> web.StreamResponse:
         """The request path: parse, resolve, exact lookup, then (on a miss) join or start the
@@ -227,7 +263,14 @@ class Proxy:
             if hit is not None:
                 return self._serve_hit(call, hit, "hit-semantic", call.tier)
             # an identical request may have started its flight while this one was embedding
-            flight = self._joinable(call) or self._flight(call)
+            flight = self._joinable(call)
+            if flight is None:
+                flight = self._flight(call)
+                call.joined = False
+            else:
+                call.joined = True
+        else:
+            call.joined = True
         return await self._answer(call, flight)
 
     async def _read_body(self, call: Call) -> None:
@@ -508,7 +551,7 @@ class Proxy:
         if rating == "bad":
             assert self.ledger is not None
             self.ledger.pop(rid)
-            removed = await self.purge_key(rec.key, rec.namespace)
+            removed = sum((await self.purge_key(rec.key, rec.namespace)).values()) > 0
             if rec.outcome == "hit-semantic" and self.semantic is not None:
                 self.semantic.bad_feedback(rec.namespace, rec.p, rec.vec)
         self.metrics.semantic_feedback.labels(rating, rec.outcome).inc()
@@ -580,7 +623,21 @@ class Proxy:
         call.tier = flight.tier.name
         self.metrics.observe_request(call.endpoint, call.outcome, call.tier,
                                      time.perf_counter() - call.t0)
+        self._account(call, flight)
         return web.Response(body=flight.body, content_type=JSON, headers=call.headers())
+
+    def _account(self, call: Call, flight: Flight) -> None:
+        """What an answer from a flight cost: the leader's upstream call, or (a request that
+        joined it) the saving of not making its own, so spent + saved is what the traffic would
+        have cost without the proxy."""
+        if flight.usage is None or flight.tier is None:
+            return
+        call.usage = flight.usage
+        if call.joined:
+            call.saved_usd = self.metrics.save(flight.tier.cfg, call.namespace, *flight.usage,
+                                               joined=True)
+        else:
+            call.cost_usd = cost_usd(flight.tier.cfg, *flight.usage)
 
     async def _stream_out(self, call: Call, flight: Flight, cursor: Cursor
                           ) -> web.StreamResponse:
@@ -594,8 +651,9 @@ class Proxy:
         call.tier = flight.tier.name
         resp = web.StreamResponse(headers={**SSE_HEADERS, **call.headers()})
         await resp.prepare(call.request)
+        call.ttfb = time.perf_counter()
         self.metrics.observe_request(call.endpoint, call.outcome, call.tier,
-                                     time.perf_counter() - call.t0)
+                                     call.ttfb - call.t0)
         try:
             while True:
                 chunk = cursor.take()  # everything already there, in one write
@@ -611,6 +669,7 @@ class Proxy:
                 if call.include_usage and flight.usage_frame is not None:
                     await resp.write(flight.usage_frame)
                 await resp.write(_DONE)
+                self._account(call, flight)
             await resp.write_eof()
         except ConnectionResetError:
             # the client went away (an ordinary event, not an error to log); unsubscribe (in
@@ -620,13 +679,15 @@ class Proxy:
 
     def _serve_hit(self, call: Call, answer: CachedAnswer, outcome: str, tier_name: str
                    ) -> web.Response:
-        """Answer from the cache; ``tier_name`` is the tier the hit is counted (and saved) on."""
+        """Answer from the cache; ``tier_name`` is the tier the hit is counted (and saved) on,
+        and the one x-route-tier names (an "auto" exact hit: the tier that made the answer)."""
         call.outcome = outcome
         call.tier = tier_name  # the tier that made the answer (an auto hit is not re-routed)
         tier = self.tiers.get(tier_name)
+        call.usage = (answer.prompt_tokens, answer.completion_tokens)
         if tier is not None:
-            self.metrics.save(tier.cfg, call.namespace, answer.prompt_tokens,
-                              answer.completion_tokens)
+            call.saved_usd = self.metrics.save(tier.cfg, call.namespace, answer.prompt_tokens,
+                                               answer.completion_tokens)
         if call.stream:
             resp = web.Response(body=fresh_ids(answer.sse(call.include_usage)),
                                 headers={**SSE_HEADERS, **call.headers()})

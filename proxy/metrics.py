@@ -56,25 +56,29 @@ def cost_usd(tier: TierConfig, prompt_tokens: int, completion_tokens: int) -> fl
 class Ledger:
     """Spent and saved USD, tokens and calls per tier (the numbers behind the counters)."""
 
-    __slots__ = ("calls", "hits", "saved", "spent", "tokens_in", "tokens_out")
+    __slots__ = ("calls", "hits", "joined", "saved", "spent", "tokens_in", "tokens_out")
 
     def __init__(self) -> None:
         self.spent: defaultdict[str, float] = defaultdict(float)
         self.saved: defaultdict[str, float] = defaultdict(float)
         self.calls: defaultdict[str, int] = defaultdict(int)
         self.hits: defaultdict[str, int] = defaultdict(int)
+        #: requests served by joining an identical request's upstream call (single-flight)
+        self.joined: defaultdict[str, int] = defaultdict(int)
         self.tokens_in: defaultdict[str, int] = defaultdict(int)
         self.tokens_out: defaultdict[str, int] = defaultdict(int)
 
     def summary(self) -> dict[str, object]:
         """Totals and per-tier figures, JSON-ready."""
-        tiers = sorted(set(self.spent) | set(self.saved) | set(self.calls) | set(self.hits))
+        tiers = sorted(set(self.spent) | set(self.saved) | set(self.calls) | set(self.hits)
+                       | set(self.joined))
         return {
             "spent_usd": round(sum(self.spent.values()), 8),
             "saved_usd": round(sum(self.saved.values()), 8),
             "tiers": {t: {"spent_usd": round(self.spent[t], 8),
                           "saved_usd": round(self.saved[t], 8),
                           "upstream_calls": self.calls[t], "cache_hits": self.hits[t],
+                          "joined": self.joined[t],
                           "prompt_tokens": self.tokens_in[t],
                           "completion_tokens": self.tokens_out[t]} for t in tiers},
         }
@@ -112,8 +116,9 @@ class HotPath(Collector):
                 buckets.append((le, cum))
             h.add_metric([outcome], buckets, counts[-1])
         yield h
-        s = CounterMetricFamily("edge_proxy_cost_saved_usd", "USD saved by cache hits (the cost "
-                                "on the tier that would have answered)",
+        s = CounterMetricFamily("edge_proxy_cost_saved_usd", "USD saved by cache hits and "
+                                "single-flight joins (the cost on the tier that would have "
+                                "answered)",
                                 labels=["tier", "namespace"])
         for tier_ns, usd in list(self.saved.items()):
             s.add_metric(list(tier_ns), usd)
@@ -341,14 +346,19 @@ class Metrics:
         return usd
 
     def save(self, tier: TierConfig, namespace: str, prompt_tokens: int,
-             completion_tokens: int) -> float:
-        """Account a cache hit: what the call would have cost on ``tier``."""
+             completion_tokens: int, joined: bool = False) -> float:
+        """Account a cache hit (or, ``joined``, a request served by an identical request's
+        upstream call): what its own call would have cost on ``tier``. So spent + saved is
+        what the traffic would have cost without the proxy."""
         usd = cost_usd(tier, prompt_tokens, completion_tokens)
         key = (tier.name, self.ns_label(namespace))
         saved = self.hot.saved
         saved[key] = saved.get(key, 0.0) + usd
         self.ledger.saved[tier.name] += usd
-        self.ledger.hits[tier.name] += 1
+        if joined:
+            self.ledger.joined[tier.name] += 1
+        else:
+            self.ledger.hits[tier.name] += 1
         return usd
 
     def render(self) -> bytes:

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import time as _time
+from collections.abc import Callable
 from typing import Final
 
 import orjson
@@ -18,10 +19,11 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from proxy import gcwatch, passthrough
-from proxy.admin import Admin
+from proxy.admin import ADMIN_KEY, Admin
 from proxy.config import Config
 from proxy.errors import ProxyError, method_not_allowed, no_route
 from proxy.handlers import Proxy
+from proxy.logs import ACCESS_LOGGER
 from proxy.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,10 @@ def _fallback_route(app: web.Application) -> None:
     app.router.add_route("*", "/{tail:.*}", fallback)
 
 
+async def _admin_slash(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPPermanentRedirect("/admin/")
+
+
 def build_app(config: Config, metrics: Metrics | None = None) -> web.Application:
     """The application; its startup connects Redis and discovers the tiers' models."""
     metrics = metrics or Metrics()
@@ -67,7 +73,10 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
     app.router.add_get("/healthz", proxy.healthz)
     app.router.add_get("/readyz", proxy.readyz)
     app.router.add_get("/metrics", proxy.metrics_endpoint)
-    app.add_subapp("/admin/", Admin(proxy).app())
+    admin = Admin(proxy)
+    app.router.add_get("/admin", _admin_slash)  # before the sub-app, which would 404 it
+    app[ADMIN_KEY] = admin  # the status page test reads its series
+    app.add_subapp("/admin/", admin.app())
     passthrough.routes(app, proxy)
     _fallback_route(app)
 
@@ -189,8 +198,9 @@ def connection_limit(configured: int) -> int:
 class Server:
     """Runs the proxy until SIGTERM/SIGINT, then drains and closes."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, load: Callable[[], Config] | None = None) -> None:
         self.config = config
+        self.load = load  # SIGHUP loads the configuration again with it (proxy/reload.py)
 
     async def serve(self, ready: asyncio.Event | None = None) -> None:
         cfg = self.config.server
@@ -199,7 +209,7 @@ class Server:
         # share of the upstream request
         access: dict[str, object] = {"access_log": None}
         if cfg.access_log:
-            access = {"access_log": logging.getLogger("edge_proxy.access"),
+            access = {"access_log": logging.getLogger(ACCESS_LOGGER),
                       "access_log_class": JsonAccessLogger}
         runner = web.AppRunner(app, handler_cancellation=True,
                                shutdown_timeout=cfg.shutdown_timeout_s, **access)  # type: ignore[arg-type]
@@ -224,6 +234,14 @@ class Server:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        if self.load is not None:
+            from proxy import reload
+
+            load = self.load
+            loop.add_signal_handler(signal.SIGHUP, lambda: reload.reload(proxy, load))
+        else:  # nothing to reload from: say so instead of dying of the default action
+            loop.add_signal_handler(signal.SIGHUP, lambda: log.warning(
+                "SIGHUP ignored: no configuration source to reload"))
         if ready is not None:
             ready.set()
         try:

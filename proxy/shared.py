@@ -264,8 +264,10 @@ class SharedIndex:
             self.semcache.exact.l1.purge_namespace(ns)
         elif op == b"purge_key":
             key = _digest(fields, b"k")
-            self.semcache.index.remove(key)
-            self.semcache.exact.l1.delete(key)
+            ns = _text(fields, b"n", MAX_NAMESPACE_BYTES)
+            if self.semcache.index.namespace_of(key) == ns:
+                self.semcache.index.remove(key)
+            self.semcache.exact.l1.delete_in(key, ns)
 
     def _decode(self, f: dict[bytes, bytes]) -> tuple[np.ndarray, SemanticEntry] | None:
         """The vector and entry of an add record; None when it has expired. BadRecord when a

@@ -98,7 +98,9 @@ def test_readme_example_config_loads(tmp_path) -> None:
     block = re.search(r"```toml\n(.*?)```", readme, re.S)
     assert block is not None
     path = tmp_path / "edge.toml"
-    path.write_text(block.group(1))
+    # its paths are the deployment's: point them into a directory that exists here (a
+    # snapshot_path in a missing directory is refused at start)
+    path.write_text(block.group(1).replace("/var/lib/edge-proxy", str(tmp_path)))
     cfg = load_config(path, env={})
     assert [t.name for t in cfg.tiers] == ["small", "medium", "large"]
     assert cfg.semantic.embed_priority == "nice" and cfg.semantic.embed_timeout_s == 0.02

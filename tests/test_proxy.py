@@ -303,7 +303,7 @@ async def test_admin_api(make_proxy, tiers) -> None:
         ns = p.proxy.cache.l1._data[bytes.fromhex(key)][2]
         async with s.post(p.url + "/admin/purge", headers=auth, json={"key": key,
                                                                       "namespace": ns}) as resp:
-            assert (await resp.json())["purged"] == 1
+            assert (await resp.json())["purged"] == {"l1": 1, "l2": 0, "semantic": 1}
         r = await client.chat.completions.with_raw_response.create(model="auto", messages=MSG)
         assert r.headers["x-cache"] == "miss"
         async with s.post(p.url + "/admin/purge", headers=auth, json={"namespace": ns}) as resp:

@@ -304,6 +304,11 @@ class Embedder:
                 raise TimeoutError from None  # another waiter's timeout dropped the text
             raise
 
+    @property
+    def queued(self) -> int:
+        """Texts waiting for (or in) the worker: the embed queue."""
+        return len(self._pending)
+
     def _done(self, key: bytes, fut: asyncio.Future[np.ndarray]) -> None:
         self._pending.pop(key, None)
         self._enqueued.pop(key, None)

@@ -207,6 +207,11 @@ class SemanticIndex:
         self.removals += 1
         return True
 
+    def namespace_of(self, key: bytes) -> str | None:
+        """The namespace of the entry stored under ``key``, or None."""
+        sid = self._slots.by_key.get(key)
+        return None if sid is None else self._scope_by_num[int(self._slots.scope[sid])].namespace
+
     def purge_namespace(self, namespace: str) -> int:
         """Remove every entry of ``namespace`` (its scopes are dropped whole); returns the count."""
         digests = list(self._ns_scopes.get(namespace, ()))
