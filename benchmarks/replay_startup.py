@@ -38,11 +38,28 @@ from proxy.shared import SharedIndex  # noqa: E402
 
 
 class _Holder:
-    """What SharedIndex needs of a SemanticCache: the index and the exact cache."""
+    """The StreamTarget a SharedIndex applies the stream to (a SemanticCache, reduced to its
+    index and exact cache)."""
 
     def __init__(self, index: SemanticIndex, exact: ExactCache) -> None:
         self.index = index
         self.exact = exact
+
+    @property
+    def dim(self) -> int:
+        return self.index.dim
+
+    def apply_entries(self, vecs: np.ndarray, entries: list[SemanticEntry]) -> None:
+        self.index.add_many(vecs, entries)
+
+    def apply_entry(self, vec: np.ndarray, entry: SemanticEntry) -> None:
+        self.index.add(vec, entry)
+
+    def apply_purge(self, namespace: str, key: bytes | None) -> None:
+        if key is None:
+            self.index.purge_namespace(namespace)
+        else:
+            self.index.remove(key)
 
 
 def free_port() -> int:
@@ -83,13 +100,13 @@ async def main_async(n: int, scopes: int) -> dict[str, float]:
         await pub.close()
 
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        sub = SharedIndex(cache_cfg, sem_cfg, _Holder(SemanticIndex(capacity=n),
-                                                      ExactCache(cache_cfg, metrics)), metrics)
+        holder = _Holder(SemanticIndex(capacity=n), ExactCache(cache_cfg, metrics))
+        sub = SharedIndex(cache_cfg, sem_cfg, holder, metrics)
         t0 = time.perf_counter()
         await sub.start()
         replay = time.perf_counter() - t0
-        size = len(sub.semcache.index)
-        mem = sub.semcache.index.memory_bytes()
+        size = len(holder.index)
+        mem = holder.index.memory_bytes()
         await sub.close()
         rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return {"entries": n, "scopes": scopes, "indexed": size, "fill_s": round(fill, 2),

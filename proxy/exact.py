@@ -8,87 +8,26 @@ Writes to Redis are fire-and-forget tasks so a miss does not wait for them.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import MaxConnectionsError, RedisError
 
 from proxy.answer import CachedAnswer
 from proxy.config import CacheConfig
 from proxy.metrics import Metrics
+from proxy.redisconn import (
+    Backoff,
+    PipelineWriter,
+    RedisLink,
+    ns_tag,
+    redis_client,
+    unlink_matching,
+)
 
 log = logging.getLogger(__name__)
-
-
-def redis_client(cfg: CacheConfig, socket_timeout: float, socket_connect_timeout: float
-                 ) -> Any:
-    """A Redis client for ``cache.redis_url``: one server, or a Redis Cluster
-    (``cache.redis_cluster``). No retries: a failed read falls through to the upstream, which is
-    the retry, and a failed write is only a colder cache."""
-    if cfg.redis_cluster:
-        from redis.asyncio.cluster import RedisCluster
-
-        return RedisCluster.from_url(cfg.redis_url, socket_timeout=socket_timeout,
-                                     socket_connect_timeout=socket_connect_timeout,
-                                     max_connections=cfg.redis_max_connections)
-    return aioredis.Redis.from_url(cfg.redis_url, socket_timeout=socket_timeout,
-                                   socket_connect_timeout=socket_connect_timeout,
-                                   retry=Retry(NoBackoff(), 0), health_check_interval=0,
-                                   max_connections=cfg.redis_max_connections)
-
-
-class PipelineWriter:
-    """Fire-and-forget Redis writes, batched: one task drains everything queued into one
-    pipeline, so a burst of stores takes one connection and one round trip instead of one each
-    (and cannot exhaust the connection pool the lookups need)."""
-
-    MAX_BATCH = 1000
-
-    def __init__(self, client: Any, on_error: Callable[[BaseException], None]) -> None:
-        self.client = client
-        self.on_error = on_error
-        self.pending: list[Callable[[Any], None]] = []
-        self.task: asyncio.Task[None] | None = None
-
-    def submit(self, op: Callable[[Any], None]) -> None:
-        """Queue ``op(pipeline)``; it runs with the next batch."""
-        self.pending.append(op)
-        if self.task is None or self.task.done():
-            self.task = asyncio.create_task(self._drain())
-
-    async def _drain(self) -> None:
-        while self.pending:
-            ops = self.pending[:self.MAX_BATCH]
-            del self.pending[:self.MAX_BATCH]
-            try:
-                async with self.client.pipeline(transaction=False) as pipe:
-                    for op in ops:
-                        op(pipe)
-                    await pipe.execute()
-            except (TimeoutError, RedisError, OSError) as exc:
-                self.on_error(exc)
-
-    async def flush(self, timeout: float = 1.0) -> None:
-        """Wait (briefly) for queued writes."""
-        if self.task is not None and not self.task.done():
-            await asyncio.wait([self.task], timeout=timeout)
-
-
-def ns_tag(namespace: str) -> bytes:
-    """A short, fixed-size tag of a namespace for Redis key names: bounded key length whatever
-    the x-cache-namespace header says, and SCAN patterns free of glob characters. (The shared
-    stream carries the namespace itself, which receivers need to scope entries; it is a tenant
-    label or a hash of an API key, never the key.)"""
-    return hashlib.blake2b(namespace.encode("utf-8", "replace"), digest_size=6).hexdigest().encode()
 
 
 class L1Cache:
@@ -171,49 +110,21 @@ class RedisL2:
         self.prefix = cfg.redis_prefix.encode() + b"x:"
         self.client = redis_client(cfg, socket_timeout=cfg.redis_timeout_s,
                                    socket_connect_timeout=max(cfg.redis_timeout_s, 0.5))
-        self.up = False
-        self._probe: asyncio.Task[None] | None = None
-        self.writer = PipelineWriter(self.client, lambda exc: self._mark_down("set"))
-        self._closed = False
+        self.link = RedisLink(self.client, f"redis {cfg.redis_url}", metrics.redis_up,
+                              Backoff(0.1, 2.0), self._count_error)
+        self.writer = PipelineWriter(self.client, lambda exc: self.link.mark_down("set"))
+
+    @property
+    def up(self) -> bool:
+        """False while Redis is down: L2 is skipped, the link probes in the background."""
+        return self.link.up
+
+    def _count_error(self, op: str) -> None:
+        self.metrics.redis_errors.labels(op).inc()
 
     async def start(self) -> None:
         """Connect; a Redis that is down at start is not fatal (probed in the background)."""
-        try:
-            await self.client.ping()
-            self._set_up(True)
-        except (RedisError, OSError) as exc:
-            log.warning("redis %s unreachable at start (%s); serving without L2",
-                        self.cfg.redis_url, exc)
-            self._mark_down("ping")
-
-    def _set_up(self, up: bool) -> None:
-        if up != self.up:
-            log.info("redis %s is %s", self.cfg.redis_url, "up" if up else "down")
-        self.up = up
-        self.metrics.redis_up.set(1 if up else 0)
-
-    def _mark_down(self, op: str) -> None:
-        self.metrics.redis_errors.labels(op).inc()
-        self._set_up(False)
-        if (self._probe is None or self._probe.done()) and not self._closed:
-            self._probe = asyncio.create_task(self._reconnect())
-
-    async def _reconnect(self) -> None:
-        delay = 0.1
-        while not self._closed:
-            await asyncio.sleep(delay)
-            try:
-                # drop pooled connections to the old server first: with no retries, a stale
-                # one would fail the next command and mark Redis down again
-                pool = getattr(self.client, "connection_pool", None)
-                if pool is not None:
-                    await pool.disconnect()
-                await self.client.ping()
-            except (RedisError, OSError):
-                delay = min(delay * 2, 2.0)
-                continue
-            self._set_up(True)
-            return
+        await self.link.connect()
 
     def rkey(self, key: bytes, namespace: str) -> bytes:
         """Redis key of an entry: prefix, x:, a tag of the namespace (purge by SCAN), the key."""
@@ -230,7 +141,7 @@ class RedisL2:
             self.metrics.redis_errors.labels("pool_exhausted").inc()
             return None
         except (TimeoutError, RedisError, OSError):
-            self._mark_down("get")
+            self.link.mark_down("get")
             return None
         return CachedAnswer.loads(raw) if raw else None
 
@@ -249,36 +160,23 @@ class RedisL2:
             try:
                 return bool(await self.client.delete(self.rkey(key, namespace)))
             except (TimeoutError, RedisError, OSError):
-                self._mark_down("delete")
+                self.link.mark_down("delete")
         return False
 
     async def purge_namespace(self, namespace: str) -> int:
         """Delete every L2 entry of ``namespace`` (SCAN + UNLINK in batches)."""
         if not self.up:
             return 0
-        n = 0
         try:
-            batch: list[bytes] = []
-            async for k in self.client.scan_iter(match=self.prefix + ns_tag(namespace) + b":*",
-                                                 count=1000):
-                batch.append(k)
-                if len(batch) >= 500:
-                    n += await self.client.unlink(*batch)
-                    batch = []
-            if batch:
-                n += await self.client.unlink(*batch)
+            return await unlink_matching(self.client, self.prefix + ns_tag(namespace) + b":*")
         except (TimeoutError, RedisError, OSError):
-            self._mark_down("purge")
-        return n
+            self.link.mark_down("purge")
+        return 0
 
     async def close(self) -> None:
         """Finish pending writes (briefly), stop probing, close connections."""
-        self._closed = True
+        await self.link.close()
         await self.writer.flush()
-        if self._probe is not None:
-            self._probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probe
         await self.client.aclose()
 
 

@@ -23,15 +23,22 @@ import logging
 import math
 import os
 import time
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import numpy as np
 from redis.exceptions import RedisError
 
 from proxy.config import CacheConfig, SemanticConfig
-from proxy.exact import PipelineWriter, ns_tag, redis_client
 from proxy.hashing import DIGEST_SIZE
 from proxy.metrics import Metrics
+from proxy.redisconn import (
+    Backoff,
+    PipelineWriter,
+    RedisLink,
+    ns_tag,
+    redis_client,
+    unlink_matching,
+)
 from proxy.semantic.index import SemanticEntry
 
 log = logging.getLogger(__name__)
@@ -129,12 +136,29 @@ def _clip_utf8(text: str, limit: int) -> bytes:
     return raw[:limit].decode("utf-8", "ignore").encode()
 
 
+class StreamTarget(Protocol):
+    """What the shared index applies the stream to: this sidecar's semantic cache."""
+
+    @property
+    def dim(self) -> int:
+        """The vector dimension a record's ``v`` field must have."""
+
+    def apply_entries(self, vecs: np.ndarray, entries: list[SemanticEntry]) -> None:
+        """Index entries from the stream (a replay batch); nothing is published again."""
+
+    def apply_entry(self, vec: np.ndarray, entry: SemanticEntry) -> None:
+        """Index one entry from the stream; nothing is published again."""
+
+    def apply_purge(self, namespace: str, key: bytes | None) -> None:
+        """Drop a namespace (or one key of it) from this sidecar's index and L1."""
+
+
 class SharedIndex:
     """Publishes local semantic entries and applies everyone's (the stream tailer)."""
 
-    def __init__(self, cache_cfg: CacheConfig, sem_cfg: SemanticConfig, semcache: Any,
+    def __init__(self, cache_cfg: CacheConfig, sem_cfg: SemanticConfig, target: StreamTarget,
                  metrics: Metrics) -> None:
-        self.semcache = semcache  # proxy.semantic.cache.SemanticCache
+        self.target = target
         self.metrics = metrics
         self.prefix = cache_cfg.redis_prefix.encode()
         self.stream = self.prefix + b"stream"
@@ -145,8 +169,9 @@ class SharedIndex:
         # path's client has a short one.
         self.client = redis_client(cache_cfg, socket_timeout=BLOCK_MS / 1000 + 2,
                                    socket_connect_timeout=1.0)
+        self.link = RedisLink(self.client, "shared index: Redis stream", metrics.shared_up,
+                              Backoff(0.1, 5.0))
         self.last_id = b"0-0"
-        self.up = False
         self.applied = 0
         self.bad_records = 0
         self._tail: asyncio.Task[None] | None = None
@@ -154,17 +179,23 @@ class SharedIndex:
         self.writer = PipelineWriter(self.client, self._write_failed)
         self._closed = False
 
+    @property
+    def up(self) -> bool:
+        """False while the stream cannot be read (the link probes Redis with backoff)."""
+        return self.link.up
+
     # -- start: replay ------------------------------------------------------------------------
     async def start(self) -> None:
         """Replay what the stream holds (a warm start), then tail it in the background."""
         t0 = time.perf_counter()
         try:
             n = await self._replay()
-            self.up = True
+            self.link.set_up(True)
             log.info("shared index: replayed %d stream records in %.2f s", n,
                      time.perf_counter() - t0)
         except (RedisError, OSError) as exc:
             log.warning("shared index: Redis unreachable at start (%s); tailing later", exc)
+            self.link.mark_down(None)
         self.metrics.shared_replay_seconds.set(time.perf_counter() - t0)
         self._tail = asyncio.create_task(self._tail_loop())
 
@@ -198,20 +229,18 @@ class SharedIndex:
 
     def _add_many(self, adds: list[tuple[np.ndarray, SemanticEntry]]) -> None:
         if adds:
-            self.semcache.index.add_many(np.stack([v for v, _ in adds]), [e for _, e in adds])
+            self.target.apply_entries(np.stack([v for v, _ in adds]), [e for _, e in adds])
             self.applied += len(adds)
 
     # -- tail ---------------------------------------------------------------------------------
     async def _tail_loop(self) -> None:
-        delay = 0.1
         while not self._closed:
+            if not self.link.up:
+                await self.link.wait_up()
+                log.info("shared index: Redis back, catching up from %s", self.last_id)
             try:
                 resp = await self.client.xread({self.stream: self.last_id}, block=BLOCK_MS,
                                                count=1000)
-                if not self.up:
-                    log.info("shared index: Redis back, catching up from %s", self.last_id)
-                self.up, delay = True, 0.1
-                self.metrics.shared_up.set(1)
                 for _, recs in resp or ():
                     for rid, fields in recs:
                         # advance first: a record that fails is skipped, never read again
@@ -223,16 +252,13 @@ class SharedIndex:
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
-                if self.up:
+                if self.link.up:
                     log.warning("shared index: stream read failed (%s); retrying", exc)
-                self.up = False
-                self.metrics.shared_up.set(0)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                self.link.mark_down(None)
             except Exception:  # a bug must not stop the tail (nor spin: last_id moved on)
                 log.exception("shared index: record not applied")
                 self.metrics.shared_bad_records.labels("error").inc()
-                await asyncio.sleep(delay)
+                await asyncio.sleep(self.link.backoff.base)
 
     def _bad(self, rid: bytes, bad: BadRecord) -> None:
         """Count a skipped record and log it (once: a skipped record is never read again)."""
@@ -250,7 +276,7 @@ class SharedIndex:
             if item is None:
                 return
             vec, entry = item
-            self.semcache.index.add(vec, entry)
+            self.target.apply_entry(vec, entry)
             self.applied += 1
             self.metrics.shared_lag.observe(max(0.0, time.time() - entry.created))
         else:
@@ -259,15 +285,10 @@ class SharedIndex:
     def _apply_control(self, op: bytes, fields: dict[bytes, bytes]) -> None:
         """A purge, validated before anything is removed."""
         if op == b"purge_ns":
-            ns = _text(fields, b"n", MAX_NAMESPACE_BYTES)
-            self.semcache.index.purge_namespace(ns)
-            self.semcache.exact.l1.purge_namespace(ns)
+            self.target.apply_purge(_text(fields, b"n", MAX_NAMESPACE_BYTES), None)
         elif op == b"purge_key":
-            key = _digest(fields, b"k")
-            ns = _text(fields, b"n", MAX_NAMESPACE_BYTES)
-            if self.semcache.index.namespace_of(key) == ns:
-                self.semcache.index.remove(key)
-            self.semcache.exact.l1.delete_in(key, ns)
+            self.target.apply_purge(_text(fields, b"n", MAX_NAMESPACE_BYTES),
+                                    _digest(fields, b"k"))
 
     def _decode(self, f: dict[bytes, bytes]) -> tuple[np.ndarray, SemanticEntry] | None:
         """The vector and entry of an add record; None when it has expired. BadRecord when a
@@ -279,7 +300,7 @@ class SharedIndex:
         query = _text(f, b"q", MAX_QUERY_BYTES)
         tier = _text(f, b"t", MAX_TIER_BYTES)
         raw = f.get(b"v")
-        dim = self.semcache.index.dim
+        dim = self.target.dim
         if not isinstance(raw, bytes) or len(raw) != 2 * dim:
             raise BadRecord("bad_value", f"field 'v' is not {dim} float16 values")
         vec = np.frombuffer(raw, dtype=np.float16).astype(np.float32)
@@ -329,10 +350,7 @@ class SharedIndex:
         if key is not None:
             await self.client.unlink(self.prefix + b"s:" + ns_tag(namespace) + b":" + key)
         else:
-            batch = [k async for k in self.client.scan_iter(
-                match=self.prefix + b"s:" + ns_tag(namespace) + b":*", count=1000)]
-            for i in range(0, len(batch), 500):
-                await self.client.unlink(*batch[i:i + 500])
+            await unlink_matching(self.client, self.prefix + b"s:" + ns_tag(namespace) + b":*")
         await self.client.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
 
     def _bg(self, coro: Any) -> None:
@@ -349,6 +367,7 @@ class SharedIndex:
 
     async def close(self) -> None:
         self._closed = True
+        await self.link.close()
         await self.writer.flush()
         if self._writes:
             await asyncio.wait(list(self._writes), timeout=1.0)

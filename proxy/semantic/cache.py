@@ -326,6 +326,26 @@ class SemanticCache:
                 "max_error_rate": self.cfg.max_error_rate,
                 "error_budget": self.budget_stats()}
 
+    # -- the shared stream's target (shared.StreamTarget) -----------------------------------
+    @property
+    def dim(self) -> int:
+        return self.index.dim
+
+    def apply_entries(self, vecs: np.ndarray, entries: list[SemanticEntry]) -> None:
+        self.index.add_many(vecs, entries)
+
+    def apply_entry(self, vec: np.ndarray, entry: SemanticEntry) -> None:
+        self.index.add(vec, entry)
+
+    def apply_purge(self, namespace: str, key: bytes | None) -> None:
+        if key is None:
+            self.index.purge_namespace(namespace)
+            self.exact.l1.purge_namespace(namespace)
+        else:  # only within that namespace: a purge names its key's namespace exactly
+            if self.index.namespace_of(key) == namespace:
+                self.index.remove(key)
+            self.exact.l1.delete_in(key, namespace)
+
     def update_gauges(self) -> None:
         self.metrics.cache_entries.labels("semantic").set(len(self.index))
         self.metrics.cache_bytes.labels("semantic").set(self.index.memory_bytes())
