@@ -22,7 +22,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from proxy.config import TierConfig, load_config
+from proxy.config import Config, TierConfig, load_config
 from proxy.metrics import Metrics, cost_usd
 from proxy.mock_vllm import start_mock
 from proxy.server import build_app
@@ -143,13 +143,22 @@ async def _send(session: aiohttp.ClientSession, base: str, res: Result) -> None:
     res.completion_tokens = int(usage.get("completion_tokens", 0))
 
 
-async def _demo(requests: int, concurrency: int, redis: str | None) -> int:
-    mocks = []
+Mock = tuple[str, Any, web.AppRunner, int]  # (tier name, MockVLLM, its runner, its port)
+
+
+async def _start_mocks() -> list[Mock]:
+    mocks: list[Mock] = []
     for name, model, ttft, tpot in (("small", "small-8b", 40, 8), ("medium", "medium-32b", 80, 15),
                                     ("large", "large-70b", 150, 30)):
         mock, runner, port = await start_mock(model, ttft_ms=ttft, tpot_ms=tpot, reply_tokens=40,
                                               chunk_tokens=2)
         mocks.append((name, mock, runner, port))
+    return mocks
+
+
+async def _start_proxy(mocks: list[Mock], redis: str | None
+                       ) -> tuple[Config, Metrics, web.AppRunner, str]:
+    """The proxy in front of the mocks: (cfg, metrics, its runner, its base URL)."""
     # a generous embedding timeout: on a busy machine the demo should still show the semantic
     # layer (a production proxy keeps 1 s and skips the layer instead of waiting)
     cfg = load_config(env={}, overrides={"cache": {"redis_url": redis or ""},
@@ -165,9 +174,10 @@ async def _demo(requests: int, concurrency: int, redis: str | None) -> int:
     base = f"http://127.0.0.1:{port}"
     print(f"edge-proxy demo: proxy on {base}, tiers "
           + ", ".join(f"{n}={m.model} (:{p})" for n, m, _, p in mocks), flush=True)
+    return cfg, metrics, runner, base
 
-    batches = workload(requests)
-    results = [Result(t, kind, m, s) for batch in batches for t, kind, m, s in batch]
+
+def _describe_workload(results: list[Result], concurrency: int) -> None:
     kinds: defaultdict[str, int] = defaultdict(int)
     for r in results:
         kinds[r.kind] += 1
@@ -178,6 +188,10 @@ async def _demo(requests: int, concurrency: int, redis: str | None) -> int:
           "identical copies at the same moment; models: auto (routed) 60 %, medium-32b 20 %, "
           "large-70b 20 %", flush=True)
 
+
+async def _run_workload(base: str, batches: list[Any], results: list[Result],
+                        concurrency: int) -> float:
+    """Send every batch through the proxy; returns the wall time in seconds."""
     sem = asyncio.Semaphore(concurrency)
     t_start = time.perf_counter()
     async with aiohttp.ClientSession() as session:
@@ -188,11 +202,12 @@ async def _demo(requests: int, concurrency: int, redis: str | None) -> int:
         it = iter(results)
         grouped = [[next(it) for _ in b] for b in batches]
         await asyncio.gather(*(batch_task(b) for b in grouped))
-    wall = time.perf_counter() - t_start
-    ok = [r for r in results if r.status == 200]
-    errors = len(results) - len(ok)
+    return time.perf_counter() - t_start
 
-    # straight to vLLM: a sample of the same requests sent to their tiers directly
+
+async def _direct_sample(ok: list[Result], mocks: list[Mock], cfg: Config,
+                         concurrency: int) -> list[float]:
+    """Straight to vLLM: a sample of the same requests sent to their tiers directly."""
     direct: list[float] = []
     async with aiohttp.ClientSession() as session:
         sample = [r for r in ok][:: max(1, len(ok) // 48)]
@@ -207,23 +222,11 @@ async def _demo(requests: int, concurrency: int, redis: str | None) -> int:
             direct.append(d.ms)
 
         await asyncio.gather(*(one_direct(r) for r in sample))
+    return direct
 
-    led = metrics.ledger
-    tiers: dict[str, TierConfig] = {t.name: t for t in cfg.tiers}
-    cost_direct = sum(cost_usd(tiers[r.tier], r.prompt_tokens, r.completion_tokens) for r in ok)
-    cost_large = sum(cost_usd(tiers["large"], r.prompt_tokens, r.completion_tokens) for r in ok)
-    spent, saved = sum(led.spent.values()), sum(led.saved.values())
-    by = defaultdict(list)
-    for r in ok:
-        by[r.outcome].append(r)
-    saved_layer = {o: sum(cost_usd(tiers[r.tier], r.prompt_tokens, r.completion_tokens)
-                          for r in by[o]) for o in ("hit-exact", "hit-semantic")}
-    joined = sum(led.joined.values())
-    calls = sum(led.calls.values())  # upstream completions billed (not the mocks' health checks)
-    hits = len(by["hit-exact"]) + len(by["hit-semantic"])
-    paraphrases = [r for r in ok if r.kind == "paraphrase"]
-    para_hits = sum(r.outcome == "hit-semantic" for r in paraphrases)
 
+def _print_latency(results: list[Result], by: dict[str, list[Result]], joined: int,
+                   direct: list[float]) -> None:
     print()
     print(f"{'answered by':<32}{'requests':>9}{'share':>8}{'p50 ms':>9}{'p99 ms':>9}")
     rows = [("cache, exact (hit-exact)", by["hit-exact"]),
@@ -237,6 +240,15 @@ async def _demo(requests: int, concurrency: int, redis: str | None) -> int:
           "   (single-flight: an identical request was in flight)")
     print(f"{'straight to vLLM (sample)':<32}{len(direct):>9}{'':>8}"
           f"{_pct(direct, 50):>9.1f}{_pct(direct, 99):>9.1f}")
+
+
+def _print_costs(ok: list[Result], by: dict[str, list[Result]], tiers: dict[str, TierConfig],
+                 spent: float, saved: float) -> float:
+    """The cost table; returns the straight-to-vLLM cost (same tiers)."""
+    cost_direct = sum(cost_usd(tiers[r.tier], r.prompt_tokens, r.completion_tokens) for r in ok)
+    cost_large = sum(cost_usd(tiers["large"], r.prompt_tokens, r.completion_tokens) for r in ok)
+    saved_layer = {o: sum(cost_usd(tiers[r.tier], r.prompt_tokens, r.completion_tokens)
+                          for r in by[o]) for o in ("hit-exact", "hit-semantic")}
     print()
     print(f"{'cost':<34}{'USD':>11}{'per 1,000 req':>15}")
     per_k = 1000 / max(1, len(ok))
@@ -251,12 +263,38 @@ async def _demo(requests: int, concurrency: int, redis: str | None) -> int:
                        ("  by semantic hits", saved_layer["hit-semantic"]),
                        ("  by single-flight joins", joined_saved)):
         print(f"{label:<34}{usd:>11.6f}")
+    return cost_direct
+
+
+def _print_tiers(mocks: list[Mock], led: Any) -> None:
     print()
     print(f"{'tier':<8}{'model':<12}{'upstream calls':>15}{'hits':>6}{'joined':>8}"
           f"{'spent $':>11}{'saved $':>11}")
     for name, mock, _, _ in mocks:
         print(f"{name:<8}{mock.model:<12}{led.calls[name]:>15}{led.hits[name]:>6}"
               f"{led.joined[name]:>8}{led.spent[name]:>11.6f}{led.saved[name]:>11.6f}")
+
+
+def _report(results: list[Result], direct: list[float], wall: float, mocks: list[Mock],
+            cfg: Config, metrics: Metrics) -> int:
+    """Print the tables; returns the exit code (1 on errors or if the figures disagree)."""
+    ok = [r for r in results if r.status == 200]
+    errors = len(results) - len(ok)
+    led = metrics.ledger
+    tiers: dict[str, TierConfig] = {t.name: t for t in cfg.tiers}
+    spent, saved = sum(led.spent.values()), sum(led.saved.values())
+    by = defaultdict(list)
+    for r in ok:
+        by[r.outcome].append(r)
+    joined = sum(led.joined.values())
+    calls = sum(led.calls.values())  # upstream completions billed (not the mocks' health checks)
+    hits = len(by["hit-exact"]) + len(by["hit-semantic"])
+    paraphrases = [r for r in ok if r.kind == "paraphrase"]
+    para_hits = sum(r.outcome == "hit-semantic" for r in paraphrases)
+
+    _print_latency(results, by, joined, direct)
+    cost_direct = _print_costs(ok, by, tiers, spent, saved)
+    _print_tiers(mocks, led)
     print()
     print(f"{len(results)} requests in {wall:.2f} s ({len(results) / wall:.0f} req/s), "
           f"errors {errors}; paraphrases served from the semantic cache: {para_hits} of "
@@ -280,10 +318,23 @@ What the lines mean:
                   router)
   sample latency  a sample of the same requests sent directly to the mock tiers: what a miss
                   costs in time without the proxy""")
+    return 1 if errors or not balanced or not counted else 0
+
+
+async def _demo(requests: int, concurrency: int, redis: str | None) -> int:
+    mocks = await _start_mocks()
+    cfg, metrics, runner, base = await _start_proxy(mocks, redis)
+    batches = workload(requests)
+    results = [Result(t, kind, m, s) for batch in batches for t, kind, m, s in batch]
+    _describe_workload(results, concurrency)
+    wall = await _run_workload(base, batches, results, concurrency)
+    ok = [r for r in results if r.status == 200]
+    direct = await _direct_sample(ok, mocks, cfg, concurrency)
+    code = _report(results, direct, wall, mocks, cfg, metrics)
     await runner.cleanup()
     for _, _, mock_runner, _ in mocks:
         await mock_runner.cleanup()
-    return 1 if errors or not balanced or not counted else 0
+    return code
 
 
 def run_demo(requests: int = 300, concurrency: int = 16, redis: str | None = None) -> int:
