@@ -210,34 +210,41 @@ class StreamAssembler:
             self.head["system_fingerprint"] = chunk["system_fingerprint"]
         for ch in chunk.get("choices") or ():
             try:
-                i = ch.get("index", 0)
-                acc = self.choices.get(i)
-                if acc is None:
-                    acc = self.choices[i] = {"parts": [], "role": "assistant", "tools": {},
-                                             "finish_reason": None,
-                                             **{name: [] for name in REASONING_FIELDS}}
-                if ch.get("logprobs") is not None:
-                    self.cacheable = False
-                if self.endpoint == CHAT:
-                    delta = ch.get("delta") or {}
-                    if delta.get("function_call"):  # the legacy form: not stored
-                        self.cacheable = False
-                    for call in delta.get("tool_calls") or ():
-                        self._tool_delta(acc["tools"], call)
-                    if delta.get("role"):
-                        acc["role"] = delta["role"]
-                    if delta.get("content"):
-                        acc["parts"].append(delta["content"])
-                    for name in REASONING_FIELDS:
-                        if delta.get(name):
-                            acc[name].append(delta[name])
-                else:
-                    if ch.get("text"):
-                        acc["parts"].append(ch["text"])
-                if ch.get("finish_reason"):
-                    acc["finish_reason"] = ch["finish_reason"]
+                self._choice(ch)
             except (AttributeError, TypeError):
                 self.cacheable = False
+
+    def _choice(self, ch: Any) -> None:
+        """Merge one choice of a chunk into its accumulator (raises on a malformed shape)."""
+        i = ch.get("index", 0)
+        acc = self.choices.get(i)
+        if acc is None:
+            acc = self.choices[i] = {"parts": [], "role": "assistant", "tools": {},
+                                     "finish_reason": None,
+                                     **{name: [] for name in REASONING_FIELDS}}
+        if ch.get("logprobs") is not None:
+            self.cacheable = False
+        if self.endpoint == CHAT:
+            self._chat_delta(acc, ch.get("delta") or {})
+        else:
+            if ch.get("text"):
+                acc["parts"].append(ch["text"])
+        if ch.get("finish_reason"):
+            acc["finish_reason"] = ch["finish_reason"]
+
+    def _chat_delta(self, acc: dict[str, Any], delta: Any) -> None:
+        """Merge one chat delta: role, content, reasoning and tool-call pieces."""
+        if delta.get("function_call"):  # the legacy form: not stored
+            self.cacheable = False
+        for call in delta.get("tool_calls") or ():
+            self._tool_delta(acc["tools"], call)
+        if delta.get("role"):
+            acc["role"] = delta["role"]
+        if delta.get("content"):
+            acc["parts"].append(delta["content"])
+        for name in REASONING_FIELDS:
+            if delta.get(name):
+                acc[name].append(delta[name])
 
     def _tool_delta(self, tools: dict[int, dict[str, Any]], call: Any) -> None:
         """Merge one tool-call delta: id, type and name arrive once, arguments in pieces."""
