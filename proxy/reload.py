@@ -87,7 +87,7 @@ def apply(proxy: Any, merged: Config) -> None:
         if client is None:
             continue
         client.cfg = dataclasses.replace(t, model=client.cfg.model)
-        for ep in client.endpoints:
+        for ep in client.upstreams:
             ep.max_failures = t.breaker_failures
             ep.cooldown_s = t.breaker_cooldown_s
 
