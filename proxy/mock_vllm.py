@@ -174,16 +174,34 @@ class MockVLLM:
         fault = self._take_fault()
         if fault.get("delay_ms"):
             await asyncio.sleep(fault["delay_ms"] / 1000)
-        if fault.get("status"):
-            return _err(int(fault["status"]), f"injected fault {fault['status']}",
-                        "InternalServerError" if fault["status"] >= 500 else "BadRequestError")
-        if fault.get("redirect"):
-            return web.Response(status=307, headers={"Location": fault["redirect"]})
-        if fault.get("ok_error"):
-            return web.Response(body=orjson.dumps({"object": "error", "message": fault["ok_error"],
-                                                   "type": "BadRequestError", "param": None,
-                                                   "code": 400}),
-                                content_type="application/json")
+        early = _fault_response(fault)
+        if early is not None:
+            return early
+        parsed = await self._parse(request, endpoint)
+        if isinstance(parsed, web.Response):
+            return parsed
+        body, seed_obj = parsed
+        words, finish, tool = _shape(
+            endpoint, body, self.reply_words([seed_obj, body.get("temperature"), body.get("seed")]))
+        prompt_tokens = _count_tokens(seed_obj)
+        usage = fault.get("usage") or {
+            "prompt_tokens": prompt_tokens, "completion_tokens": len(words),
+            "total_tokens": prompt_tokens + len(words)}
+        rid = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex
+        created = int(time.time())
+        tpot = float(fault.get("tpot_ms", self.tpot_ms)) / 1000
+        await asyncio.sleep(self.ttft_ms / 1000)
+        if not body.get("stream"):
+            await asyncio.sleep(tpot * len(words))
+            self.completed += 1
+            return self._json_answer(endpoint, body, words, finish, tool, usage, rid, created,
+                                     fault)
+        return await self._stream(request, endpoint, body, words, finish, usage, rid, created,
+                                  tpot, fault)
+
+    async def _parse(self, request: web.Request, endpoint: str
+                     ) -> tuple[dict[str, Any], Any] | web.Response:
+        """The request body and what its answer is seeded from, or the error vLLM answers."""
         try:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError:
@@ -196,55 +214,28 @@ class MockVLLM:
         if endpoint == "chat":
             if not isinstance(body.get("messages"), list) or not body["messages"]:
                 return _err(400, "messages: field required")
-            seed_obj: Any = body["messages"]
+            return body, body["messages"]
+        if "prompt" not in body:
+            return _err(400, "prompt: field required")
+        return body, body["prompt"]
+
+    def _json_answer(self, endpoint: str, body: dict[str, Any], words: list[str], finish: str,
+                     tool: str | None, usage: dict[str, int], rid: str, created: int,
+                     fault: dict[str, Any]) -> web.Response:
+        """The whole (non-streamed) answer."""
+        text = " ".join(words)
+        if endpoint == "chat":
+            choice = {"index": 0, "message": _message(body, words, text, tool, fault),
+                      "logprobs": None, "finish_reason": finish, "stop_reason": None}
+            obj = "chat.completion"
         else:
-            if "prompt" not in body:
-                return _err(400, "prompt: field required")
-            seed_obj = body["prompt"]
-        words = self.reply_words([seed_obj, body.get("temperature"), body.get("seed")])
-        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
-        finish = "stop"
-        if isinstance(max_tokens, int) and max_tokens < len(words):
-            words, finish = words[:max_tokens], "length"
-        tool, tool_finish = _tool_call(body) if endpoint == "chat" else (None, None)
-        if tool is not None and finish == "stop":
-            finish = tool_finish or finish
-        prompt_tokens = _count_tokens(seed_obj)
-        usage = fault.get("usage") or {
-            "prompt_tokens": prompt_tokens, "completion_tokens": len(words),
-            "total_tokens": prompt_tokens + len(words)}
-        rid = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex
-        created = int(time.time())
-        tpot = float(fault.get("tpot_ms", self.tpot_ms)) / 1000
-        await asyncio.sleep(self.ttft_ms / 1000)
-        if not body.get("stream"):
-            await asyncio.sleep(tpot * len(words))
-            text = " ".join(words)
-            if endpoint == "chat":
-                msg: dict[str, Any] = {"role": "assistant", "content": text, "tool_calls": []}
-                if tool is not None:
-                    # vLLM 0.32: "" beside calls it was made to do, null beside chosen ones
-                    msg["content"] = "" if body.get("tool_choice") not in (None, "auto") \
-                        else None
-                    msg["tool_calls"] = [{"id": _tool_id(words), "type": "function",
-                                          "function": {"name": tool,
-                                                       "arguments": _arguments(words)}}]
-                if fault.get("reasoning"):
-                    msg[fault["reasoning"]] = _reasoning(words)
-                choice = {"index": 0, "message": msg,
-                          "logprobs": None, "finish_reason": finish, "stop_reason": None}
-                obj = "chat.completion"
-            else:
-                choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish,
-                          "stop_reason": None}
-                obj = "text_completion"
-            self.completed += 1
-            return web.Response(body=orjson.dumps({
-                "id": rid, "object": obj, "created": created, "model": self.model,
-                "choices": [choice], **({} if fault.get("no_usage") else {"usage": usage})}),
-                content_type=fault.get("content_type", "application/json"))
-        return await self._stream(request, endpoint, body, words, finish, usage, rid, created,
-                                  tpot, fault)
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish,
+                      "stop_reason": None}
+            obj = "text_completion"
+        return web.Response(body=orjson.dumps({
+            "id": rid, "object": obj, "created": created, "model": self.model,
+            "choices": [choice], **({} if fault.get("no_usage") else {"usage": usage})}),
+            content_type=fault.get("content_type", "application/json"))
 
     async def _stream(self, request: web.Request, endpoint: str, body: dict[str, Any],
                       words: list[str], finish: str, usage: dict[str, int], rid: str,
@@ -263,74 +254,18 @@ class MockVLLM:
                            body: dict[str, Any], words: list[str], finish: str,
                            usage: dict[str, int], rid: str, created: int, tpot: float,
                            fault: dict[str, Any]) -> web.StreamResponse:
-        head = {"id": rid, "created": created, "model": self.model}
-        obj = "chat.completion.chunk" if endpoint == "chat" else "text_completion"
-
-        def frame(choice: dict[str, Any] | None, extra: dict[str, Any] | None = None) -> bytes:
-            o = {**head, "object": obj, "choices": [choice] if choice else []}
-            if extra:
-                o.update(extra)
-            return b"data: " + orjson.dumps(o) + b"\n\n"
-
+        frame = _Frames(rid, created, self.model, endpoint)
         if endpoint == "chat":
-            await resp.write(frame({"index": 0, "delta": {"role": "assistant", "content": ""},
-                                    "logprobs": None, "finish_reason": None}))
-            if fault.get("reasoning"):
-                thought = _reasoning(words)
-                for k in range(0, len(thought), 8):
-                    await resp.write(frame({"index": 0, "delta": {
-                        fault["reasoning"]: thought[k:k + 8]}, "logprobs": None,
-                        "finish_reason": None}))
+            await _stream_chat_head(resp, frame, words, fault)
             tool, _ = _tool_call(body)
             if tool is not None:
-                args = _arguments(words)
-                await resp.write(frame({"index": 0, "delta": {"tool_calls": [{
-                    "index": 0, "id": _tool_id(words), "type": "function",
-                    "function": {"name": tool, "arguments": ""}}]}, "logprobs": None,
-                    "finish_reason": None}))
-                for k in range(0, len(args), 10):
-                    await resp.write(frame({"index": 0, "delta": {"tool_calls": [{
-                        "index": 0, "function": {"arguments": args[k:k + 10]}}]},
-                        "logprobs": None, "finish_reason": None}))
-                await resp.write(frame({"index": 0, "delta": {}, "logprobs": None,
-                                        "finish_reason": finish, "stop_reason": None}))
-                if (body.get("stream_options") or {}).get("include_usage"):
-                    await resp.write(frame(None, {"usage": usage}))
-                await resp.write(b"data: [DONE]\n\n")
+                await _stream_tool_call(resp, frame, body, words, finish, usage, tool)
                 self.completed += 1
                 await resp.write_eof()
                 return resp
-        cut_after = fault.get("cut_after")
-        step = max(1, self.chunk_tokens)
-        for n, i in enumerate(range(0, len(words), step)):
-            if cut_after is not None and n >= int(cut_after):
-                # drop the connection mid-stream, as a crashed upstream would
-                if request.transport is not None:
-                    request.transport.close()
-                return resp
-            if n == 1 and fault.get("malformed"):
-                await resp.write(b"data: {not json\n\n")
-            if n == 1 and fault.get("error_event"):  # vLLM's shape of an error mid-stream
-                await resp.write(b"data: " + orjson.dumps({"error": {
-                    "message": str(fault["error_event"]), "type": "InternalServerError",
-                    "param": None, "code": 500}}) + b"\n\n")
-                await resp.write(b"data: [DONE]\n\n")
-                return resp
-            if n == 1 and fault.get("long_line"):
-                await resp.write(b": " + b"x" * int(fault["long_line"]) + b"\n\n")
-            if tpot:
-                await asyncio.sleep(tpot * step)
-            piece = (" " if i else "") + " ".join(words[i:i + step])
-            last = i + step >= len(words)
-            if endpoint == "chat":
-                choice = {"index": 0, "delta": {"content": piece}, "logprobs": None,
-                          "finish_reason": finish if last else None}
-            else:
-                choice = {"index": 0, "text": piece, "logprobs": None,
-                          "finish_reason": finish if last else None}
-            if last:
-                choice["stop_reason"] = None
-            await resp.write(frame(choice))
+        if not await self._stream_words(request, resp, frame, endpoint, words, finish, tpot,
+                                        fault):
+            return resp
         opts = body.get("stream_options") or {}
         if opts.get("include_usage") and not fault.get("no_usage"):
             await resp.write(frame(None, {"usage": usage}))
@@ -338,6 +273,138 @@ class MockVLLM:
         self.completed += 1
         await resp.write_eof()
         return resp
+
+    async def _stream_words(self, request: web.Request, resp: web.StreamResponse,
+                            frame: _Frames, endpoint: str, words: list[str], finish: str,
+                            tpot: float, fault: dict[str, Any]) -> bool:
+        """The answer's text, ``chunk_tokens`` words a frame; False if a fault ended the stream
+        here."""
+        cut_after = fault.get("cut_after")
+        step = max(1, self.chunk_tokens)
+        for n, i in enumerate(range(0, len(words), step)):
+            if cut_after is not None and n >= int(cut_after):
+                # drop the connection mid-stream, as a crashed upstream would
+                if request.transport is not None:
+                    request.transport.close()
+                return False
+            if n == 1 and not await _inject(resp, fault):
+                return False
+            if tpot:
+                await asyncio.sleep(tpot * step)
+            piece = (" " if i else "") + " ".join(words[i:i + step])
+            last = i + step >= len(words)
+            text = {"delta": {"content": piece}} if endpoint == "chat" else {"text": piece}
+            choice = {"index": 0, **text, "logprobs": None,
+                      "finish_reason": finish if last else None}
+            if last:
+                choice["stop_reason"] = None
+            await resp.write(frame(choice))
+        return True
+
+
+class _Frames:
+    """The SSE frames of one streamed answer: ``frame(choice, extra)``."""
+
+    def __init__(self, rid: str, created: int, model: str, endpoint: str) -> None:
+        self.head = {"id": rid, "created": created, "model": model}
+        self.obj = "chat.completion.chunk" if endpoint == "chat" else "text_completion"
+
+    def __call__(self, choice: dict[str, Any] | None,
+                 extra: dict[str, Any] | None = None) -> bytes:
+        o = {**self.head, "object": self.obj, "choices": [choice] if choice else []}
+        if extra:
+            o.update(extra)
+        return b"data: " + orjson.dumps(o) + b"\n\n"
+
+
+def _fault_response(fault: dict[str, Any]) -> web.Response | None:
+    """The answer an injected fault replaces the real one with, if any."""
+    if fault.get("status"):
+        return _err(int(fault["status"]), f"injected fault {fault['status']}",
+                    "InternalServerError" if fault["status"] >= 500 else "BadRequestError")
+    if fault.get("redirect"):
+        return web.Response(status=307, headers={"Location": fault["redirect"]})
+    if fault.get("ok_error"):
+        return web.Response(body=orjson.dumps({"object": "error", "message": fault["ok_error"],
+                                               "type": "BadRequestError", "param": None,
+                                               "code": 400}),
+                            content_type="application/json")
+    return None
+
+
+def _shape(endpoint: str, body: dict[str, Any], words: list[str]
+           ) -> tuple[list[str], str, str | None]:
+    """(words, finish_reason, tool) of the answer: cut at the token limit, or a tool call."""
+    max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
+    finish = "stop"
+    if isinstance(max_tokens, int) and max_tokens < len(words):
+        words, finish = words[:max_tokens], "length"
+    tool, tool_finish = _tool_call(body) if endpoint == "chat" else (None, None)
+    if tool is not None and finish == "stop":
+        finish = tool_finish or finish
+    return words, finish, tool
+
+
+def _message(body: dict[str, Any], words: list[str], text: str, tool: str | None,
+             fault: dict[str, Any]) -> dict[str, Any]:
+    """The assistant message of a whole chat answer."""
+    msg: dict[str, Any] = {"role": "assistant", "content": text, "tool_calls": []}
+    if tool is not None:
+        # vLLM 0.32: "" beside calls it was made to do, null beside chosen ones
+        msg["content"] = "" if body.get("tool_choice") not in (None, "auto") else None
+        msg["tool_calls"] = [{"id": _tool_id(words), "type": "function",
+                              "function": {"name": tool, "arguments": _arguments(words)}}]
+    if fault.get("reasoning"):
+        msg[fault["reasoning"]] = _reasoning(words)
+    return msg
+
+
+async def _stream_chat_head(resp: web.StreamResponse, frame: _Frames, words: list[str],
+                            fault: dict[str, Any]) -> None:
+    """A streamed chat answer's role frame, then its reasoning (if the fault asks for it)."""
+    await resp.write(frame({"index": 0, "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None, "finish_reason": None}))
+    if fault.get("reasoning"):
+        thought = _reasoning(words)
+        for k in range(0, len(thought), 8):
+            await resp.write(frame({"index": 0, "delta": {
+                fault["reasoning"]: thought[k:k + 8]}, "logprobs": None,
+                "finish_reason": None}))
+
+
+async def _stream_tool_call(resp: web.StreamResponse, frame: _Frames, body: dict[str, Any],
+                            words: list[str], finish: str, usage: dict[str, int],
+                            tool: str) -> None:
+    """A streamed tool call, its arguments in pieces, up to [DONE]."""
+    args = _arguments(words)
+    await resp.write(frame({"index": 0, "delta": {"tool_calls": [{
+        "index": 0, "id": _tool_id(words), "type": "function",
+        "function": {"name": tool, "arguments": ""}}]}, "logprobs": None,
+        "finish_reason": None}))
+    for k in range(0, len(args), 10):
+        await resp.write(frame({"index": 0, "delta": {"tool_calls": [{
+            "index": 0, "function": {"arguments": args[k:k + 10]}}]},
+            "logprobs": None, "finish_reason": None}))
+    await resp.write(frame({"index": 0, "delta": {}, "logprobs": None,
+                            "finish_reason": finish, "stop_reason": None}))
+    if (body.get("stream_options") or {}).get("include_usage"):
+        await resp.write(frame(None, {"usage": usage}))
+    await resp.write(b"data: [DONE]\n\n")
+
+
+async def _inject(resp: web.StreamResponse, fault: dict[str, Any]) -> bool:
+    """The faults injected after the first text frame; False if the stream ends here."""
+    if fault.get("malformed"):
+        await resp.write(b"data: {not json\n\n")
+    if fault.get("error_event"):  # vLLM's shape of an error mid-stream
+        await resp.write(b"data: " + orjson.dumps({"error": {
+            "message": str(fault["error_event"]), "type": "InternalServerError",
+            "param": None, "code": 500}}) + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        return False
+    if fault.get("long_line"):
+        await resp.write(b": " + b"x" * int(fault["long_line"]) + b"\n\n")
+    return True
 
 
 def _tool_call(body: dict[str, Any]) -> tuple[str | None, str | None]:
