@@ -97,7 +97,9 @@ def make_pairs(args: argparse.Namespace) -> None:
 def tokenizer() -> Any:
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(HERE / "tokenizer.json"))
+    from proxy import data_path
+
+    tok = Tokenizer.from_file(str(data_path("tokenizer.json")))  # the embedder's, package data
     tok.no_padding()
     tok.enable_truncation(MAX_LEN)
     return tok
@@ -236,7 +238,7 @@ def to_hf_weights(model: Any, base: dict[str, np.ndarray]) -> dict[str, np.ndarr
 
 
 def base_weights() -> dict[str, np.ndarray]:
-    import build_model
+    from proxy.semantic import build_model
 
     src = build_model.source_dir()
     build_model.verify_inputs(src)
@@ -342,7 +344,7 @@ def train(args: argparse.Namespace) -> None:
 
 def export(args: argparse.Namespace) -> None:
     """Checkpoint -> fp32 ONNX (build_model's graph) -> fusions -> int8 -> unfuse; head JSON."""
-    import build_model
+    from proxy.semantic import build_model
     import onnx
     import torch
 
