@@ -285,6 +285,11 @@ def train(args: argparse.Namespace) -> None:
         part = sorted(idx[s : s + chunk], key=lambda i: lens[i])
         batches += [part[j : j + args.batch] for j in range(0, len(part), args.batch)]
     prng.shuffle(batches)
+    per_epoch = len(batches)
+    for _ in range(args.epochs - 1):  # later epochs: the same batches in another order
+        more = batches[:per_epoch]
+        prng.shuffle(more)
+        batches += more
     total = len(batches)
     start_step = 0
     if CKPT.exists() and not args.fresh:
@@ -292,6 +297,9 @@ def train(args: argparse.Namespace) -> None:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         start_step = ck["step"]
+        # this run's rates (the checkpoint's groups carry the last run's decayed ones)
+        for g, lr in zip(opt.param_groups, (args.lr, args.head_lr), strict=True):
+            g["lr"] = g["initial_lr"] = lr
         print(f"resumed at step {start_step}", flush=True)
     warm = 30
     t0 = time.time()
@@ -344,9 +352,10 @@ def train(args: argparse.Namespace) -> None:
 
 def export(args: argparse.Namespace) -> None:
     """Checkpoint -> fp32 ONNX (build_model's graph) -> fusions -> int8 -> unfuse; head JSON."""
-    from proxy.semantic import build_model
     import onnx
     import torch
+
+    from proxy.semantic import build_model
 
     base = base_weights()
     model = build_torch_model(base)
@@ -523,6 +532,10 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--ckpt-every", type=int, default=200)
     t.add_argument("--kind-weight", default="synth=1.5")
     t.add_argument("--fresh", action="store_true")
+    t.add_argument("--epochs", type=int, default=1,
+                   help="passes over the pairs; resuming a 1-epoch checkpoint with --epochs 2 "
+                   "continues into the second pass (the rate warms up again and decays over "
+                   "--minutes)")
     t.add_argument("--freeze-layers", type=int, default=3, help="bottom layers kept fixed")
     e = sub.add_parser("export")
     e.add_argument("--ckpt", default="", help="checkpoint (default: build/pair/ckpt.pt)")

@@ -51,6 +51,12 @@ UNSAFE = [
     ("Cheapest flight from Paris to Rome", "Cheapest flight from Rome to Paris", "order"),
     ("Turn on the kitchen lights", "Turn off the kitchen lights", "opposite"),
     ("Should I buy Tesla stock?", "Should I sell Tesla stock?", "opposite"),
+    ("Is the pharmacy open on Sunday?", "Is the pharmacy closed on Sunday?", "opposite"),
+    # who does what to whom, with no directional word between the two
+    ("Why do cats chase mice?", "Why do mice chase cats?", "roles"),
+    ("Why does the moon orbit the earth?", "Why does the earth orbit the moon?", "roles"),
+    ("Can a dog eat a cat's food?", "Can a cat eat a dog's food?", "roles"),
+    ("Can a parent sue a child for debt?", "Can a child sue a parent for debt?", "roles"),
 ]
 
 # (query, candidate) - true paraphrases that must stay hits
@@ -70,6 +76,9 @@ SAFE = [
     ("Is Python faster than Java?", "Is python quicker than java?"),
     ("Turn off the kitchen lights", "Switch the kitchen lights off"),
     ("How long does a transfer take?", "How long do transfers take?"),
+    # a symmetric relation reworded by exchanging its two sides is not a role swap
+    ("Difference between cats and dogs?", "Difference between dogs and cats?"),
+    ("How do I sort a list in Python?", "In Python, how do I sort a list?"),
 ]
 
 

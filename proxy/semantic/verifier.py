@@ -210,12 +210,58 @@ class OrderGuard(Guard):
         return f"order: '{sw[0]}' .. '{sw[1]}' swapped" if sw else None
 
 
+#: Words that make a relation symmetric when they join the two swapped words ("cats and dogs"
+#: / "dogs and cats"): that swap keeps the meaning.
+_SYMMETRIC_JOINS: Final = frozenset({"and", "or", "vs", "versus", "&", "plus", "nor"})
+
+
+def _base(word: str) -> str:
+    """A word without a plural or possessive "s" (tokens lose their apostrophe: "dog's" ->
+    "dogs"), so "dog's food" / "dogs food" compare equal."""
+    return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
+
+
+def _transposed(a: tuple[str, ...], b: tuple[str, ...]) -> tuple[str, str] | None:
+    """The two words whose places the texts exchange, when that is the only difference
+    ("why do cats chase mice" / "why do mice chase cats"), else None. A swap across a
+    symmetric join ("cats and dogs") is not one."""
+    if len(a) != len(b) or a == b:
+        return None
+    diff = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if _base(x) != _base(y)]
+    if len(diff) != 2:
+        return None
+    i, j = diff
+    x, y = _base(a[i]), _base(a[j])
+    if x == y or _base(b[i]) != y or _base(b[j]) != x:
+        return None
+    if j - i == 2 and a[i + 1] in _SYMMETRIC_JOINS:
+        return None
+    return a[i], a[j]
+
+
+class RolesGuard(Guard):
+    """The texts are the same words with two of them exchanged: who does what to whom changed
+    ("Why does the moon orbit the earth?" / "Why does the earth orbit the moon?"). Unlike the
+    order guard this needs no list of directional words, only the exchange itself; a
+    symmetric relation reworded this way ("X and Y") stays allowed."""
+
+    __slots__ = ()
+    name = "roles"
+
+    def check(self, q: TextFeatures, c: TextFeatures, jaccard: float) -> str | None:
+        sw = _transposed(q.tokens, c.tokens)  # same words by construction: no Jaccard gate
+        return f"roles: '{sw[0]}' and '{sw[1]}' exchanged" if sw else None
+
+
 #: The guards, cheapest first (``guard_flags(first=True)`` stops at the first that fires).
 GUARD_TABLE: Final[tuple[Guard, ...]] = (
     NumbersGuard(), NegationGuard(), QuotedGuard(), CodeGuard(), EntityGuard(), OppositeGuard(),
-    OrderGuard(),
+    OrderGuard(), RolesGuard(),
 )
 GUARDS: Final = tuple(g.name for g in GUARD_TABLE)
+#: The guards that are also features of the learned interaction verifier (models/verifier.json
+#: was trained on these 7; later guards only decide, they are not features).
+FEATURE_GUARDS: Final = GUARDS[:7]
 
 
 def guard_flags(q: TextFeatures, c: TextFeatures, *, first: bool = False) -> dict[str, str]:
@@ -253,7 +299,7 @@ def pair_features(
         len(qa - ca) / (len(qa) or 1),
         len(ca - qa) / (len(ca) or 1),
         math.log1p(min(lq, lc)),
-        *(1.0 if g in flags else 0.0 for g in GUARDS),
+        *(1.0 if g in flags else 0.0 for g in FEATURE_GUARDS),
     ]
 
 
@@ -264,7 +310,7 @@ FEATURES: Final = (
     "query_only",
     "cand_only",
     "log_min_len",
-    *(f"guard_{g}" for g in GUARDS),
+    *(f"guard_{g}" for g in FEATURE_GUARDS),
 )
 
 
