@@ -238,7 +238,12 @@ def fuse(ps: PairSet, fusion: dict[str, float]) -> np.ndarray:
     """Calibrated probability per pair (0 where never scored)."""
     z = fusion["a"] * np.nan_to_num(ps.logit, nan=-50.0) + fusion["b"] * ps.cos + fusion["c"]
     p = 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
-    return np.where(np.isnan(ps.logit), 0.0, p)
+    p = np.where(np.isnan(ps.logit), 0.0, p)
+    # as PairModel.score: the same question spelled differently is 1.0 without the model
+    from proxy.semantic.features import question_form
+
+    same = [question_form(q) == question_form(c) for q, c in zip(ps.query, ps.cand, strict=True)]
+    return np.where(np.asarray(same, bool) & (ps.cos >= SCORE_FLOOR), 1.0, p)
 
 
 def hits(ps: PairSet, p: np.ndarray, cut: float, floor: float, guards: bool) -> np.ndarray:

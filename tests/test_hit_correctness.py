@@ -89,12 +89,9 @@ async def test_adversarial_pairs_through_the_proxy(make_proxy) -> None:
         f"{len(fh_old)} false hits, paraphrases {ph_old}/{n_para}; shipped false hits: {fh}"
     )
     assert len(fh) < len(fh_old)  # the verifier catches swaps the guards let through
-    assert ph > 0
-    if fh or ph < 0.9 * n_para:  # the issue's target, not met by the shipped model: say so
-        pytest.xfail(
-            f"issue 13 target (0 false hits, >= 90 % paraphrases) not met: "
-            f"{len(fh)} false hits, {ph}/{n_para} paraphrases"
-        )
+    # the issue's target: no false hit of any kind, and at least 90 % of the paraphrases
+    assert fh == [], fh
+    assert ph >= 0.9 * n_para, f"{ph}/{n_para} paraphrases served"
 
 
 def test_budget_controller_tightens_on_errors_and_relaxes_on_right_audits() -> None:
@@ -119,6 +116,24 @@ def test_budget_controller_tightens_on_errors_and_relaxes_on_right_audits() -> N
     ctl.bad_feedback("ns", 0.999, v)
     assert not ctl.allow("ns", 0.999, v, 0.05)
     assert ctl.allow("ns", 0.999, np.array([1, 0, 0, 0], np.float32), 0.05)
+
+
+def test_budget_cut_falls_below_the_calibrated_one_only_on_strong_evidence() -> None:
+    """A few right audits do not lower the calibrated cut (the upper bound holds it); many
+    do; wrong audits raise it."""
+    curve = [(c / 100, max(0.0, 0.2 - c / 500)) for c in range(30, 100)]
+    # the calibrated cut of budget 0.05 on this curve: e0(c) = 0.2 - c / 5 <= 0.05 from 0.75
+    ctl = BudgetController(curve, base_cut=lambda e: 0.75, default_budget=0.05, prior_weight=20)
+    assert ctl.cut("a") == 0.75
+    for _ in range(3):
+        ctl.observe("a", 0.99, False)
+    assert ctl.cut("a") == 0.75
+    for _ in range(2000):
+        ctl.observe("a", 0.99, False)
+    assert ctl.cut("a") < 0.75
+    for _ in range(30):
+        ctl.observe("b", 0.95, True)
+    assert ctl.cut("b") > 0.75
 
 
 async def test_bad_feedback_removes_the_answer_from_both_sidecars(

@@ -52,6 +52,9 @@ UNSAFE = [
     ("Turn on the kitchen lights", "Turn off the kitchen lights", "opposite"),
     ("Should I buy Tesla stock?", "Should I sell Tesla stock?", "opposite"),
     ("Is the pharmacy open on Sunday?", "Is the pharmacy closed on Sunday?", "opposite"),
+    ("Is it safe to drink tap water in Lisbon?", "Is it unsafe to drink tap water in Lisbon?",
+     "opposite"),
+    ("Is this contract legal?", "Is this contract illegal?", "opposite"),
     # who does what to whom, with no directional word between the two
     ("Why do cats chase mice?", "Why do mice chase cats?", "roles"),
     ("Why does the moon orbit the earth?", "Why does the earth orbit the moon?", "roles"),
@@ -344,3 +347,23 @@ def test_word_lists_are_what_the_guards_use() -> None:
     assert "usa" in extract("Visa for the United States").surface
     assert "lisbon" in extract("flights to lisbon").entities
     assert guard_flags(extract("how to import a file"), extract("how to export a file"))
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "same"),
+    [
+        ("What is machine learning?", "What's machine learning?", True),
+        ("How does a refrigerator work?", "How do refrigerators work?", True),
+        ("What causes earthquakes?", "What causes an earthquake?", True),
+        ("Why do cats purr?", "Why don't cats purr?", False),  # negation stays
+        ("Why did Rome fall?", "Why does Rome fall?", False),  # tense stays
+        ("Difference between () and (,)?", "Difference between # and ##?", False),  # symbols
+        ("What is 2+3?", "What is 2+4?", False),
+    ],
+)
+def test_question_form(a: str, b: str, same: bool) -> None:
+    """Two spellings of one question share a form (the pair verifier serves them without the
+    cross-encoder); negation, tense, symbols and numbers keep forms apart."""
+    from proxy.semantic.features import question_form
+
+    assert (question_form(a) == question_form(b)) is same

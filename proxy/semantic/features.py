@@ -286,6 +286,50 @@ def _words_to_numbers(tokens: list[str]) -> tuple[list[str], list[int]]:
     return vals, ends
 
 
+#: Contractions spelled out by :func:`question_form` ("what's" -> "what is").
+_IS_HEADS: Final = frozenset(
+    {"what", "who", "where", "how", "when", "why", "which", "that", "it", "there", "here"})
+_NT_HEADS: Final = {"ca": "can", "wo": "will", "sha": "shall"}
+_CONTRACTED: Final = {"re": "are", "m": "am", "ve": "have", "ll": "will", "d": "would"}
+#: Words whose presence never changes what a question asks: articles and the do-support of
+#: present-tense questions ("How does a refrigerator work?" / "How do refrigerators work?").
+#: Tense ("did"), negation and every content word stay.
+_FORM_DROP: Final = frozenset({"a", "an", "the", "do", "does"})
+_PUNCT: Final = frozenset(".,;:?!'\"\u2019")
+
+
+def _plural_base(word: str) -> str:
+    return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
+
+
+@lru_cache(maxsize=16384)
+def question_form(text: str) -> str:
+    """The question with its spelling variation taken out: lower case, no punctuation,
+    contractions spelled out, articles and do/does dropped, plural "s" removed. Two texts of
+    the same form ask the same question ("What's machine learning?" / "What is machine
+    learning?"; "What causes earthquakes?" / "What causes an earthquake?"). Numbers, negation,
+    tense and every content word are kept, so the hand guards have nothing to add."""
+    out: list[str] = []
+    for t in _TOKEN_RE.findall(text.lower().replace("\u2019", "'")):
+        if "'" in t:
+            head, _, tail = t.rpartition("'")
+            if tail == "t" and head.endswith("n"):  # don't, can't, won't, isn't
+                out += [_NT_HEADS.get(head[:-1], head[:-1]), "not"]
+                continue
+            if tail == "s":  # what's -> what is; card's -> card
+                out += [head, "is"] if head in _IS_HEADS else [head]
+                continue
+            if tail in _CONTRACTED:
+                out += [head, _CONTRACTED[tail]]
+                continue
+            t = t.replace("'", "")
+        if t.isalnum() and t not in _FORM_DROP:
+            out.append(_plural_base(t))
+    # symbols are content ("() vs (,)", "# vs ##"): kept in their order
+    symbols = "".join(ch for ch in text if not (ch.isalnum() or ch.isspace() or ch in _PUNCT))
+    return " ".join(out) + ("\x1f" + symbols if symbols else "")
+
+
 def extract(text: str) -> TextFeatures:
     """Extract the must-match features of one text (numbers, negation, names, ...)."""
     return _extract_cached(text)

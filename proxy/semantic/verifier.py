@@ -181,13 +181,33 @@ class EntityGuard(Guard):
         return "entity: " + _fmt(f"'{e}'" for e in mq) + " vs " + _fmt(f"'{e}'" for e in mc)
 
 
+#: Prefixes that negate the word they are put before: "safe" / "unsafe", "legal" / "illegal".
+_NEG_PREFIXES: Final = ("un", "in", "im", "il", "ir", "dis", "non")
+
+
+def _prefix_opposite(a: TextFeatures, b: TextFeatures) -> tuple[str, str] | None:
+    """A word of one text that the other says with a negating prefix, and not plain."""
+    for x, y in ((a, b), (b, a)):
+        for w in y.content - x.content:
+            for pre in _NEG_PREFIXES:
+                base = w[len(pre):]
+                if w.startswith(pre) and len(base) >= 4 and base in x.content \
+                        and base not in y.content:
+                    return base, w
+    return None
+
+
 class OppositeGuard(Guard):
-    """One side of an opposite pair in one text, the other side (only) in the other."""
+    """One side of an opposite pair in one text, the other side (only) in the other; or a word
+    in one text and its prefix negation ("safe" / "unsafe") in the other."""
 
     __slots__ = ()
     name = "opposite"
 
     def check(self, q: TextFeatures, c: TextFeatures, jaccard: float) -> str | None:
+        pre = _prefix_opposite(q, c)
+        if pre is not None:
+            return f"opposite: {pre[0]}/{pre[1]}"
         if q.poles == c.poles:
             return None
         qg = {g: s for g, s in q.poles}
