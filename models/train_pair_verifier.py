@@ -534,8 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--fresh", action="store_true")
     t.add_argument("--epochs", type=int, default=1,
                    help="passes over the pairs; resuming a 1-epoch checkpoint with --epochs 2 "
-                   "continues into the second pass (the rate warms up again and decays over "
-                   "--minutes)")
+                   "continues into the second pass (the rates restart at --lr / --head-lr and "
+                   "decay over --minutes)")
     t.add_argument("--freeze-layers", type=int, default=3, help="bottom layers kept fixed")
     e = sub.add_parser("export")
     e.add_argument("--ckpt", default="", help="checkpoint (default: build/pair/ckpt.pt)")

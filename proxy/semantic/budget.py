@@ -80,21 +80,24 @@ class BudgetController:
             st = self._ns[ns] = NamespaceEvidence()
         return st
 
+    def _observed(self, st: NamespaceEvidence, i: int) -> tuple[int, int]:
+        """(observations, wrong ones) among those with p at or above grid cut i."""
+        j = bisect.bisect_left(st.ps, self.grid[i])
+        n = len(st.ps) - j
+        return n, (sum(st.wrong[j:]) if n else 0)
+
     def estimate(self, st: NamespaceEvidence, i: int) -> float:
         """Posterior mean error among hits at grid cut i."""
-        c = self.grid[i]
-        j = bisect.bisect_left(st.ps, c)
-        n = len(st.ps) - j
-        k = sum(st.wrong[j:]) if n else 0
+        n, k = self._observed(st, i)
         m = self.prior_weight
         return (k + m * self.e0[i]) / (n + m)
 
     def upper(self, st: NamespaceEvidence, i: int) -> float:
         """The estimate plus one posterior standard deviation (about an 84 % upper bound)."""
-        mean = self.estimate(st, i)
-        j = bisect.bisect_left(st.ps, self.grid[i])
-        n = len(st.ps) - j
-        return mean + math.sqrt(mean * (1.0 - mean) / (n + self.prior_weight + 1.0))
+        n, k = self._observed(st, i)
+        m = self.prior_weight
+        mean = (k + m * self.e0[i]) / (n + m)
+        return mean + math.sqrt(mean * (1.0 - mean) / (n + m + 1.0))
 
     def _lowest_within(self, f: Callable[[int], float], e: float) -> float:
         """The lowest grid cut from which on (every higher cut too) ``f`` is within ``e``."""

@@ -298,7 +298,9 @@ _FORM_DROP: Final = frozenset({"a", "an", "the", "do", "does"})
 _PUNCT: Final = frozenset(".,;:?!'\"\u2019")
 
 
-def _plural_base(word: str) -> str:
+def plural_base(word: str) -> str:
+    """A word without a plural or possessive "s" (tokens lose their apostrophe: "dog's" ->
+    "dogs"), so "dog's food" / "dogs food" compare equal."""
     return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
 
 
@@ -324,7 +326,7 @@ def question_form(text: str) -> str:
                 continue
             t = t.replace("'", "")
         if t.isalnum() and t not in _FORM_DROP:
-            out.append(_plural_base(t))
+            out.append(plural_base(t))
     # symbols are content ("() vs (,)", "# vs ##"): kept in their order
     symbols = "".join(ch for ch in text if not (ch.isalnum() or ch.isspace() or ch in _PUNCT))
     return " ".join(out) + ("\x1f" + symbols if symbols else "")

@@ -29,7 +29,7 @@ from typing import ClassVar, Final
 
 import numpy as np
 
-from proxy.semantic.features import OPPOSITES, TextFeatures, extract, stem
+from proxy.semantic.features import OPPOSITES, TextFeatures, extract, plural_base, stem
 
 __all__ = ["TextFeatures", "Verdict", "Verifier", "extract", "pair_features"]
 
@@ -235,24 +235,18 @@ class OrderGuard(Guard):
 _SYMMETRIC_JOINS: Final = frozenset({"and", "or", "vs", "versus", "&", "plus", "nor"})
 
 
-def _base(word: str) -> str:
-    """A word without a plural or possessive "s" (tokens lose their apostrophe: "dog's" ->
-    "dogs"), so "dog's food" / "dogs food" compare equal."""
-    return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
-
-
 def _transposed(a: tuple[str, ...], b: tuple[str, ...]) -> tuple[str, str] | None:
     """The two words whose places the texts exchange, when that is the only difference
     ("why do cats chase mice" / "why do mice chase cats"), else None. A swap across a
     symmetric join ("cats and dogs") is not one."""
     if len(a) != len(b) or a == b:
         return None
-    diff = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if _base(x) != _base(y)]
+    ab, bb = [plural_base(w) for w in a], [plural_base(w) for w in b]
+    diff = [i for i, (x, y) in enumerate(zip(ab, bb, strict=True)) if x != y]
     if len(diff) != 2:
         return None
     i, j = diff
-    x, y = _base(a[i]), _base(a[j])
-    if x == y or _base(b[i]) != y or _base(b[j]) != x:
+    if ab[i] == ab[j] or bb[i] != ab[j] or bb[j] != ab[i]:
         return None
     if j - i == 2 and a[i + 1] in _SYMMETRIC_JOINS:
         return None
