@@ -6,12 +6,15 @@ Pair sets (``models/pair_data.py`` defines the splits; none of them is a trainin
   store ``text_a``, query ``text_b``.
 * ``banking77`` / ``clinc150`` / ``hwu64``, ``full`` cache (every train-part utterance) or
   ``sparse`` (10 per intent): each calibration (held-out 15 % of the train split) or evaluation
-  (test / val) query against its nearest cached utterance by the project embedder's cosine.
-  A hit is right only when the intents match; clinc150's out-of-scope queries must miss.
+  (test / val) query against its ``SEARCH_K`` nearest cached utterances by the project
+  embedder's cosine. A hit is right only when the intents match; clinc150's out-of-scope
+  queries must miss.
 
-A hit is ``cosine >= floor`` and the hand guards pass (``guards`` mode) and the calibrated
-probability ``p = sigmoid(a * logit + b * cosine + c)`` of the cross-encoder reaches the cut of
-the error budget. The cut for each budget is chosen on the calibration sets only
+A query is decided as ``SemanticCache.lookup`` decides it: its candidates in cosine order,
+those under the similarity floor or rejected by the hand guards skipped, the first
+``candidates`` of the rest (``semantic.verify_max_candidates``) scored, and the first whose
+calibrated probability ``p = sigmoid(a * logit + b * cosine + c)`` reaches the cut of the error
+budget served. The cut for each budget is chosen on the calibration sets only
 (``models/train_pair_verifier.py calibrate``) and shipped in ``models/pair_verifier.json``.
 
 Run::
@@ -50,20 +53,46 @@ MIN_HITS = 30  # a calibration set with fewer hits at a cut does not decide that
 SOURCES = ("qqp", *pdata.INTENT_SETS)
 
 
+#: Candidates the index returns per lookup (SemanticCache.lookup's k).
+SEARCH_K = 4
+#: Candidates scored per lookup when the pair verifier's metadata does not say
+#: (``semantic.verify_max_candidates``' default).
+CANDIDATES = 1
+
+
 @dataclass(slots=True)
 class PairSet:
-    """One candidate per query, with what is needed to decide and to judge a hit."""
+    """Up to SEARCH_K candidates per query, nearest first, with what is needed to decide and to
+    judge a hit. 2-D arrays are (queries, candidates); a missing candidate has cosine -1."""
 
     name: str
     query: list[str]
-    cand: list[str]
+    cand: list[list[str]]
     cos: np.ndarray
     correct: np.ndarray  # serving cand's answer to query is right
-    oos: np.ndarray  # query is out of scope
+    oos: np.ndarray  # (queries,): query is out of scope
     guard_ok: np.ndarray
     logit: np.ndarray  # NaN where cos < SCORE_FLOOR (never scored)
-    qv: np.ndarray | None = None
-    cv: np.ndarray | None = None
+
+    def subset(self, rows: np.ndarray) -> PairSet:
+        return PairSet(
+            self.name,
+            [self.query[i] for i in rows],
+            [self.cand[i] for i in rows],
+            self.cos[rows],
+            self.correct[rows],
+            self.oos[rows],
+            self.guard_ok[rows],
+            self.logit[rows],
+        )
+
+
+@dataclass(slots=True)
+class Served:
+    """Per query: whether a candidate was served and whether serving it was right."""
+
+    hit: np.ndarray
+    right: np.ndarray
 
 
 # --------------------------------------------------------------------------- embeddings
@@ -87,11 +116,17 @@ def embed(texts: Sequence[str], tag: str) -> np.ndarray:
     return vecs
 
 
-def guard_ok(query: list[str], cand: list[str]) -> np.ndarray:
+def guard_ok(query: list[str], cand: list[list[str]]) -> np.ndarray:
     """The hand guards of proxy.semantic.verifier (numbers, negation, entities, order...)."""
     from proxy.semantic.verifier import Verifier
+
     v = Verifier(guards=True)
-    return np.array([v.verify(q, c, 1.0, 0.0).ok for q, c in zip(query, cand, strict=True)])
+    return np.array(
+        [
+            [bool(c) and v.verify(q, c, 1.0, 0.0).ok for c in cs]
+            for q, cs in zip(query, cand, strict=True)
+        ]
+    )
 
 
 def scorer() -> Any:
@@ -102,16 +137,17 @@ def scorer() -> Any:
     return m
 
 
-def logits_for(query: list[str], cand: list[str], cos: np.ndarray, tag: str) -> np.ndarray:
-    """Cross-encoder logits (batch 1, as at run time) for pairs with cos >= SCORE_FLOOR."""
+def logits_for(query: list[str], cand: list[list[str]], cos: np.ndarray, tag: str) -> np.ndarray:
+    """Cross-encoder logits (batch 1, as at run time) for candidates with cos >= SCORE_FLOOR."""
     from proxy.semantic.pairmodel import PairModel
 
     meta = json.loads((REPO / "models" / "pair_verifier.json").read_text())
+    todo = np.argwhere(cos >= SCORE_FLOOR)
     key = hashlib.sha1(
         (
             meta["sha256"]
             + "\x01"
-            + "\x00".join(q + "\x02" + c for q, c in zip(query, cand, strict=True))
+            + "\x00".join(query[i] + "\x02" + cand[i][j] for i, j in todo)
         ).encode()
     ).hexdigest()[:16]
     path = RESULTS / f"logit_{tag}_{key}.npy"
@@ -119,15 +155,12 @@ def logits_for(query: list[str], cand: list[str], cos: np.ndarray, tag: str) -> 
         return np.load(path)
     m = PairModel()
     m.load()
-    out = np.full(len(query), np.nan, np.float32)
+    out = np.full(cos.shape, np.nan, np.float32)
     t0 = time.perf_counter()
-    for i in np.flatnonzero(cos >= SCORE_FLOOR):
-        out[i] = m.logit(query[i], cand[i])
-    print(
-        f"  scored {int((cos >= SCORE_FLOOR).sum())} pairs ({tag}) in "
-        f"{time.perf_counter() - t0:.0f}s",
-        file=sys.stderr,
-    )
+    for i, j in todo:
+        out[i, j] = m.logit(query[i], cand[i][j])
+    print(f"  scored {len(todo)} pairs ({tag}) in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     np.save(path, out)
     return out
 
@@ -146,20 +179,18 @@ def qqp_set(split: str, n: int, seed: int = 0, with_logits: bool = True) -> Pair
     pick += [neg[i] for i in rng.choice(len(neg), k, replace=False)]
     a = embed([r[0] for r in pick], f"qqp-{split}-a")
     b = embed([r[1] for r in pick], f"qqp-{split}-b")
-    cos = np.einsum("ij,ij->i", a, b)
-    query, cand = [r[1] for r in pick], [r[0] for r in pick]
-    lg = logits_for(query, cand, cos, f"qqp-{split}") if with_logits else np.full(len(cos), np.nan)
+    cos = np.einsum("ij,ij->i", a, b)[:, None]
+    query, cand = [r[1] for r in pick], [[r[0]] for r in pick]
+    lg = logits_for(query, cand, cos, f"qqp-{split}") if with_logits else np.full(cos.shape, np.nan)
     return PairSet(
         f"qqp/{split}",
         query,
         cand,
         cos,
-        np.array([r[2] == 1 for r in pick]),
+        np.array([[r[2] == 1] for r in pick]),
         np.zeros(len(pick), bool),
         guard_ok(query, cand),
         lg,
-        b,
-        a,
     )
 
 
@@ -194,18 +225,21 @@ def intent_set(
     cv = embed(cache.texts, f"{name}-cache{per_intent or ''}")
     qv = embed(q.texts, f"{name}-{split}")
     s = qv @ cv.T
-    nn = s.argmax(axis=1)
-    cos = s[np.arange(len(nn)), nn]
-    cand = [cache.texts[j] for j in nn]
+    k = min(SEARCH_K, s.shape[1])
+    nn = np.argpartition(-s, k - 1, axis=1)[:, :k]
+    rows = np.arange(len(nn))[:, None]
+    nn = nn[rows, np.argsort(-s[rows, nn], axis=1)]  # nearest first
+    cos = s[rows, nn]
+    cand = [[cache.texts[j] for j in r] for r in nn]
     correct = np.array(
         [
-            (not o) and ql == cache.labels[j] and not cache.oos[j]
-            for ql, j, o in zip(q.labels, nn, q.oos, strict=True)
+            [(not o) and ql == cache.labels[j] and not cache.oos[j] for j in r]
+            for ql, r, o in zip(q.labels, nn, q.oos, strict=True)
         ]
     )
     mode = f"sparse{per_intent}" if per_intent else "full"
     tag = f"{name}-{split}-{mode}"
-    lg = logits_for(q.texts, cand, cos, tag) if with_logits else np.full(len(cos), np.nan)
+    lg = logits_for(q.texts, cand, cos, tag) if with_logits else np.full(cos.shape, np.nan)
     return PairSet(
         f"{name}/{split}/{mode}",
         q.texts,
@@ -215,8 +249,6 @@ def intent_set(
         np.array(q.oos),
         guard_ok(q.texts, cand),
         lg,
-        qv,
-        cv[nn],
     )
 
 
@@ -235,37 +267,57 @@ def pair_sets(split: str, quick: bool = False, with_logits: bool = True) -> list
 
 
 def fuse(ps: PairSet, fusion: dict[str, float]) -> np.ndarray:
-    """Calibrated probability per pair (0 where never scored)."""
+    """Calibrated probability per candidate (0 where never scored)."""
     z = fusion["a"] * np.nan_to_num(ps.logit, nan=-50.0) + fusion["b"] * ps.cos + fusion["c"]
     p = 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
     p = np.where(np.isnan(ps.logit), 0.0, p)
     # as PairModel.score: the same question spelled differently is 1.0 without the model
     from proxy.semantic.features import question_form
 
-    same = [question_form(q) == question_form(c) for q, c in zip(ps.query, ps.cand, strict=True)]
-    return np.where(np.asarray(same, bool) & (ps.cos >= SCORE_FLOOR), 1.0, p)
+    qf = [question_form(q) for q in ps.query]
+    same = np.array(
+        [[bool(c) and f == question_form(c) for c in cs] for f, cs in zip(qf, ps.cand, strict=True)]
+    )
+    return np.where(same & (ps.cos >= SCORE_FLOOR), 1.0, p)
 
 
-def hits(ps: PairSet, p: np.ndarray, cut: float, floor: float, guards: bool) -> np.ndarray:
-    h = (ps.cos >= floor) & (p >= cut)
-    return h & ps.guard_ok if guards else h
+def hits(
+    ps: PairSet,
+    p: np.ndarray,
+    cut: float,
+    floor: float,
+    guards: bool,
+    candidates: int = CANDIDATES,
+) -> Served:
+    """Decide each query as SemanticCache.lookup does: candidates nearest first, those under the
+    floor or rejected by the guards skipped, the first ``candidates`` of the rest scored, the
+    first scored one with ``p >= cut`` served."""
+    ok = ps.cos >= floor
+    if guards:
+        ok &= ps.guard_ok
+    scored = ok & (np.cumsum(ok, axis=1) <= candidates)
+    passed = scored & (p >= cut)
+    hit = passed.any(axis=1)
+    col = passed.argmax(axis=1)
+    return Served(hit, hit & ps.correct[np.arange(len(col)), col])
 
 
-def stats(ps: PairSet, h: np.ndarray) -> dict[str, float]:
+def stats(ps: PairSet, s: Served) -> dict[str, float]:
     """precision, hit rate (hits / queries), recall (right hits / servable), OOS false hits."""
-    nh = int(h.sum())
-    tp = int((h & ps.correct).sum())
+    nh = int(s.hit.sum())
+    tp = int(s.right.sum())
     n_oos = int(ps.oos.sum())
     out = {
-        "n": len(h),
+        "n": len(s.hit),
         "hits": nh,
         "precision": tp / nh if nh else 1.0,
         "error": 1 - tp / nh if nh else 0.0,
-        "hit_rate": nh / len(h),
-        "recall": tp / max(int(ps.correct.sum()), 1),
+        "hit_rate": nh / len(s.hit),
+        # right hits / queries that some cached entry could have answered
+        "recall": tp / max(int(ps.correct.any(axis=1).sum()), 1),
     }
     if n_oos:
-        out["oos_false_hit_rate"] = int((h & ps.oos).sum()) / n_oos
+        out["oos_false_hit_rate"] = int((s.hit & ps.oos).sum()) / n_oos
     return out
 
 
@@ -303,13 +355,14 @@ def calibrate_cuts(
     guards: bool,
     budgets: Sequence[float] = BUDGETS,
     rule: str = "max",
+    candidates: int = CANDIDATES,
 ) -> list[dict[str, float]]:
     """Per budget: the lowest probability cut from which on (every higher cut too) the error
     among calibration hits is within the budget.
 
     rule "max": each calibration set's error (among at least MIN_HITS hits) must be within the
     budget (no data set pays for another's precision); "pooled": the mean of the sets' error
-    rates (each set weighs the same) must be."""
+    rates (each set weighs the same; again only sets with at least MIN_HITS hits) must be."""
     grid = np.unique(
         np.concatenate(
             [np.quantile(p[p > 0], np.linspace(0, 1, 400)) for p in probs if (p > 0).any()]
@@ -320,13 +373,13 @@ def calibrate_cuts(
     for gi, cut in enumerate(grid):
         per = []
         for ps, p in zip(sets, probs, strict=True):
-            h = hits(ps, p, float(cut), floor, guards)
-            n, k = int(h.sum()), int((h & ~ps.correct).sum())
-            if rule == "max":
-                # point estimate where the set has enough hits to tell (>= MIN_HITS)
-                per.append(k / n if n >= MIN_HITS else 0.0)
-            else:
-                per.append(k / n if n else 0.0)
+            s = hits(ps, p, float(cut), floor, guards, candidates)
+            n = int(s.hit.sum())
+            k = n - int(s.right.sum())
+            # point estimate where the set has enough hits to tell (>= MIN_HITS): near the top
+            # of the grid a set's few hits are the p = 1 question forms, and one noisy label
+            # among 3 would otherwise read as 33 % and push the cut to 1
+            per.append(k / n if n >= MIN_HITS else 0.0)
         errs[gi] = max(per) if rule == "max" else float(np.mean(per))
     rows = []
     for e in budgets:
@@ -342,11 +395,12 @@ def calibrate_cuts(
 
 
 def static_best(ps: PairSet, max_error: float, guards: bool = True) -> dict[str, float] | None:
-    """Best hit rate of a bare cosine threshold (+ guards) whose error <= max_error."""
+    """Best hit rate of a bare cosine threshold (+ guards) whose error <= max_error: the
+    nearest candidate over the threshold (that the guards pass) is served."""
     best = None
+    ones = np.ones(ps.cos.shape)
     for t in np.round(np.arange(0.60, 0.995, 0.005), 3):
-        h = (ps.cos >= t) & (ps.guard_ok if guards else True)
-        st = stats(ps, h)
+        st = stats(ps, hits(ps, ones, 1.0, float(t), guards, SEARCH_K))
         if (
             st["hits"]
             and st["error"] <= max_error + 1e-12
@@ -380,13 +434,22 @@ def replay(
     hit = np.zeros(len(order), bool)
     right = np.zeros(len(order), bool)
     cuts = []
+    guards = meta.get("guards", True)
+    candidates = int(meta.get("candidates", 1))
     for t, i in enumerate(order):
-        ok = ps.cos[i] >= floor and (ps.guard_ok[i] or not meta.get("guards", True))
-        if ok and ctl.allow("ns", float(p[i]), None, budget):
-            hit[t] = True
-            right[t] = bool(ps.correct[i])
-            if rng.random() < audit_rate:
-                ctl.observe("ns", float(p[i]), not ps.correct[i])
+        scored = 0
+        for j in range(ps.cos.shape[1]):  # as SemanticCache.lookup
+            if ps.cos[i, j] < floor or scored >= candidates:
+                break
+            if guards and not ps.guard_ok[i, j]:
+                continue
+            scored += 1
+            if ctl.allow("ns", float(p[i, j]), None, budget):
+                hit[t] = True
+                right[t] = bool(ps.correct[i, j])
+                if rng.random() < audit_rate:
+                    ctl.observe("ns", float(p[i, j]), not ps.correct[i, j])
+                break
         cuts.append(ctl.cut("ns", budget))
     q = len(order) // 4
     quarters = []
@@ -404,16 +467,7 @@ def replay(
     nh2 = int(hit[half].sum())
     err2 = 1 - int(right[half].sum()) / nh2 if nh2 else 0.0
     # best static cosine threshold (guards on) with the same realised error, same half
-    sub = PairSet(
-        ps.name,
-        [],
-        [],
-        ps.cos[order[half]],
-        ps.correct[order[half]],
-        ps.oos[order[half]],
-        ps.guard_ok[order[half]],
-        ps.logit[order[half]],
-    )
+    sub = ps.subset(order[half])
     st = static_best(sub, err2)
     return {
         "budget": budget,
@@ -468,11 +522,14 @@ def main(argv: list[str] | None = None) -> int:
 
     pm = PairModel()
     floor, guards, fusion = meta["similarity_floor"], meta.get("guards", True), meta["fusion"]
+    # candidates scored per lookup: as calibrated (an older calibration scored the nearest only)
+    ncand = int(meta.get("candidates", 1))
     sets = pair_sets("eval", quick=args.quick)
     report: dict[str, Any] = {
         "budget": args.budget,
         "split": "eval",
-        "meta": {k: meta[k] for k in ("sha256", "fusion", "similarity_floor", "guards", "cuts")},
+        "meta": {k: meta.get(k) for k in
+                 ("sha256", "fusion", "similarity_floor", "guards", "cuts", "candidates")},
     }
     # 1. default budget, per set; calibration curve (budget -> realised error)
     per_set: dict[str, Any] = {}
@@ -481,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'set':28s} {'prec':>6s} {'hit':>6s} {'recall':>6s} {'oos':>6s} | static same err")
     for ps in sets:
         p = fuse(ps, fusion)
-        st = stats(ps, hits(ps, p, pm.cut(args.budget), floor, guards))
+        st = stats(ps, hits(ps, p, pm.cut(args.budget), floor, guards, ncand))
         sb = static_best(ps, st["error"])
         per_set[ps.name] = {
             "verifier": st,
@@ -489,7 +546,8 @@ def main(argv: list[str] | None = None) -> int:
             "cosine_only_nohit_guard": static_best(ps, st["error"], False),
         }
         curve[ps.name] = [
-            {"budget": b, **stats(ps, hits(ps, p, pm.cut(b), floor, guards))} for b in BUDGETS
+            {"budget": b, **stats(ps, hits(ps, p, pm.cut(b), floor, guards, ncand))}
+            for b in BUDGETS
         ]
         oos = f"{st['oos_false_hit_rate']:.4f}" if "oos_false_hit_rate" in st else "  -   "
         sbs = f"thr {sb['threshold']:.3f} hit {sb['hit_rate']:.3f}" if sb else "none"
@@ -509,11 +567,12 @@ def main(argv: list[str] | None = None) -> int:
         rest = [s for s in calib if not s.name.startswith(name)]
         cuts = calibrate_cuts(
             rest, [fuse(s, fusion) for s in rest], floor, guards, (args.budget,),
-            meta.get("rule", "max"),
+            meta.get("rule", "max"), ncand,
         )
         for ps in sets:
             if ps.name.startswith(name):
-                st = stats(ps, hits(ps, fuse(ps, fusion), cuts[0]["cut"], floor, guards))
+                p = fuse(ps, fusion)
+                st = stats(ps, hits(ps, p, cuts[0]["cut"], floor, guards, ncand))
                 lodo[ps.name] = {"cut": cuts[0]["cut"], **st}
     report["leave_one_out_of_calibration"] = lodo
     print("\nleft out of calibration:")

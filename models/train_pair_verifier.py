@@ -463,10 +463,14 @@ def calibrate(args: argparse.Namespace) -> None:
 
     sets = eb.pair_sets("calib", quick=args.quick)
     use = [s for s in sets if not s.name.startswith("qqp")] if args.intents_only else sets
-    # fusion: logistic over [logit, cosine] on scored pairs, each set weighing the same
+    # fusion: logistic over [logit, cosine] on the pairs a lookup scores (the first
+    # --candidates over the floor that the guards pass), each set weighing the same
     xs, ys, ws = [], [], []
     for ps in sets:
         m = ~np.isnan(ps.logit) & (ps.cos >= args.floor)
+        if args.guards:
+            m &= ps.guard_ok
+        m &= np.cumsum(m, axis=1) <= args.candidates
         if not m.any():
             continue
         xs.append(np.c_[ps.logit[m], ps.cos[m]])
@@ -475,16 +479,16 @@ def calibrate(args: argparse.Namespace) -> None:
     beta = eb.fit_logistic(np.vstack(xs), np.concatenate(ys), np.concatenate(ws) * 1000)
     fusion = {"a": float(beta[0]), "b": float(beta[1]), "c": float(beta[2])}
     probs = [eb.fuse(ps, fusion) for ps in use]
-    cuts = eb.calibrate_cuts(use, probs, args.floor, args.guards, rule=args.rule)
+    ncand = args.candidates
+    cuts = eb.calibrate_cuts(use, probs, args.floor, args.guards, rule=args.rule, candidates=ncand)
     # calibration curve e0(cut): the worst set's error among its hits at each cut
     grid = np.round(np.linspace(0.30, 0.999, 71), 4)
     curve = []
     for c in grid:
         errs = []
         for ps, p in zip(use, probs, strict=True):
-            h = eb.hits(ps, p, float(c), args.floor, args.guards)
-            n, k = int(h.sum()), int((h & ~ps.correct).sum())
-            errs.append(k / n if n >= eb.MIN_HITS else 0.0)
+            st = eb.stats(ps, eb.hits(ps, p, float(c), args.floor, args.guards, ncand))
+            errs.append(st["error"] if st["hits"] >= eb.MIN_HITS else 0.0)
         agg = max(errs) if args.rule == "max" else float(np.mean(errs))
         curve.append([float(c), round(agg, 5)])
     meta = json.loads(META_OUT.read_text())
@@ -494,6 +498,8 @@ def calibrate(args: argparse.Namespace) -> None:
             "similarity_floor": args.floor,
             "guards": args.guards,
             "rule": args.rule,
+            # candidates scored per lookup (semantic.verify_max_candidates) when calibrated
+            "candidates": ncand,
             "cuts": cuts,
             "curve": curve,
             "calibration": {
@@ -508,10 +514,17 @@ def calibrate(args: argparse.Namespace) -> None:
         e = c["max_error_rate"]
         row = [f"{c['max_error_rate']:.3f} cut {c['cut']:.4f}"]
         for ps, p in zip(sets, [eb.fuse(s, fusion) for s in sets], strict=True):
-            st = eb.stats(ps, eb.hits(ps, p, c["cut"], args.floor, args.guards))
+            st = eb.stats(ps, eb.hits(ps, p, c["cut"], args.floor, args.guards, ncand))
             row.append(f"{ps.name}: err {st['error']:.3f} hit {st['hit_rate']:.3f}")
         print(f"budget {e}: " + " | ".join(row))
     print(json.dumps(fusion))
+
+
+def eb_candidates() -> int:
+    """semantic.verify_max_candidates' default: the lookup the cuts are calibrated for."""
+    from proxy.config import SemanticConfig
+
+    return SemanticConfig().verify_max_candidates
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -551,6 +564,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     c.add_argument("--quick", action="store_true")
     c.add_argument("--rule", choices=["max", "pooled"], default="max")
+    c.add_argument(
+        "--candidates",
+        type=int,
+        default=eb_candidates(),
+        help="candidates scored per lookup, as semantic.verify_max_candidates (its default)",
+    )
     args = ap.parse_args(argv)
     if args.cmd == "data":
         make_pairs(args)

@@ -359,6 +359,16 @@ def test_word_lists_are_what_the_guards_use() -> None:
         ("Why did Rome fall?", "Why does Rome fall?", False),  # tense stays
         ("Difference between () and (,)?", "Difference between # and ##?", False),  # symbols
         ("What is 2+3?", "What is 2+4?", False),
+        # a request frame before the question goes; "how do I / can I / to" are one form
+        ("What is inflation?", "Can you explain what inflation is?", True),
+        ("How do I reset my password?", "Could you tell me how to reset my password?", True),
+        ("How do I tie a tie?", "How to tie a tie?", True),
+        ("How can I get a refund?", "How do I get a refund?", True),
+        ("How do I not get sick?", "How can I get sick?", False),  # negation stays
+        # "you" is often the assistant; a frame must end at a question word; short rests stay
+        ("How do you handle my data?", "How do I handle my data?", False),
+        ("Tell me a joke", "A joke", False),
+        ("How do I look?", "How to look?", False),
     ],
 )
 def test_question_form(a: str, b: str, same: bool) -> None:

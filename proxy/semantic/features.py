@@ -295,6 +295,14 @@ _CONTRACTED: Final = {"re": "are", "m": "am", "ve": "have", "ll": "will", "d": "
 #: present-tense questions ("How does a refrigerator work?" / "How do refrigerators work?").
 #: Tense ("did"), negation and every content word stay.
 _FORM_DROP: Final = frozenset({"a", "an", "the", "do", "does"})
+#: A request frame before an embedded question ("Can you explain what X is?"): words that ask
+#: for the answer without being part of the question.
+_FRAME_WORDS: Final = frozenset({"please", "can", "could", "would", "you", "tell", "me", "explain"})
+_FRAME_HEADS: Final = frozenset({"tell", "explain"})
+_WH: Final = frozenset({"what", "how", "why", "where", "when", "who", "which"})
+#: "How do I / can I / does one / to X": the same request for a way to do X. Not "you": in a
+#: prompt it often means the assistant ("How do you handle my data?").
+_HOW_SUBJECTS: Final = frozenset({"i", "one", "we", "to"})
 _PUNCT: Final = frozenset(".,;:?!'\"\u2019")
 
 
@@ -327,9 +335,31 @@ def question_form(text: str) -> str:
             t = t.replace("'", "")
         if t.isalnum() and t not in _FORM_DROP:
             out.append(plural_base(t))
+    out = _unframe(out)
     # symbols are content ("() vs (,)", "# vs ##"): kept in their order
     symbols = "".join(ch for ch in text if not (ch.isalnum() or ch.isspace() or ch in _PUNCT))
     return " ".join(out) + ("\x1f" + symbols if symbols else "")
+
+
+def _unframe(toks: list[str]) -> list[str]:
+    """Take the request frame off a question form: "can you explain what inflation is" ->
+    "what is inflation"; "how can i / how i (do dropped) / how one X" -> "how to X". Only a
+    frame that ends at a question word goes, and only with at least two words after it."""
+    i = 0
+    while i < len(toks) and toks[i] in _FRAME_WORDS:
+        i += 1
+    if 0 < i < len(toks) and toks[i] in _WH and _FRAME_HEADS & set(toks[:i]):
+        toks = toks[i:]
+        # an embedded question keeps statement order: "what inflation is" -> "what is inflation"
+        if toks[0] == "what" and len(toks) >= 3 and toks[-1] in ("is", "are"):
+            toks = ["what", toks[-1], *toks[1:-1]]
+    if len(toks) >= 4 and toks[0] == "how":
+        rest = toks[2:] if toks[1] in _HOW_SUBJECTS else None
+        if toks[1] == "can" and toks[2] in _HOW_SUBJECTS:
+            rest = toks[3:]
+        if rest is not None and len(rest) >= 2:
+            toks = ["how", "to", *rest]
+    return toks
 
 
 def extract(text: str) -> TextFeatures:
