@@ -1050,13 +1050,18 @@ class Suite:
         tier; requests name the tier's model. Per round, alternating sides: ``miss_conc``
         closed-loop clients of unique non-streamed prompts (latency), then one request at a
         time, non-streamed (latency) and streamed (time to first byte). Added = proxy minus
-        direct in the same round; the figures are medians over rounds.
+        direct in the same round; the figures are medians over rounds. A third side, a plain
+        proxy (semantic cache and router off) on the same core, tells the hop (HTTP in, HTTP
+        out, exact lookup, store) from what the semantic layer adds on top of it.
         """
         p, st, a = self.plan, self.stack, self.args
         model = TIERS[0][1]
         mock = st.mock(model, 200.0, 1.0, core=a.server_core)
         base, proc = st.proxy([("small", mock)], self.redis)
-        urls = {"direct": mock + "/v1/chat/completions", "proxy": base + "/v1/chat/completions"}
+        plain, plain_proc = st.proxy([("small", mock)], self.redis, {
+            "EDGE_PROXY_SEMANTIC__ENABLED": "false", "EDGE_PROXY_ROUTER__ENABLED": "false"})
+        urls = {"direct": mock + "/v1/chat/completions", "plain": plain + "/v1/chat/completions",
+                "proxy": base + "/v1/chat/completions"}
         for url in urls.values():
             await self.gen.connect(url, p.miss_conc)
         await self.warm("miss overhead: warm", self.prompts.take_singles(16), conc=8, base=base)
@@ -1077,6 +1082,7 @@ class Suite:
                         p.miss_conc if kind == "conc" else 1))
         m1 = metric_sums(base)
         st.kill(proc)
+        st.kill(plain_proc)
 
         def pick(row: dict[str, Any], part: str, field: str) -> float:
             for o in ("direct", "miss"):
@@ -1089,11 +1095,12 @@ class Suite:
         for kind, part in (("conc", "latency"), ("json", "latency"), ("stream", "ttfb")):
             for f in ("p50_ms", "p99_ms"):
                 d = [pick(x, part, f) for x in rows[f"direct_{kind}"]]
-                q = [pick(x, part, f) for x in rows[f"proxy_{kind}"]]
                 fig[f"direct_{kind}_{f}"] = statistics.median(d)
-                fig[f"proxy_{kind}_{f}"] = statistics.median(q)
-                fig[f"added_{kind}_{f}"] = statistics.median(
-                    b - a_ for a_, b in zip(d, q, strict=True))
+                for side, pre in (("proxy", ""), ("plain", "plain_")):
+                    q = [pick(x, part, f) for x in rows[f"{side}_{kind}"]]
+                    fig[f"{side}_{kind}_{f}"] = statistics.median(q)
+                    fig[f"{pre}added_{kind}_{f}"] = statistics.median(
+                        b - a_ for a_, b in zip(d, q, strict=True))
         fig["proxy_outcomes"] = {k: sum(x["outcomes"].get(k, {}).get("latency", {}).get("n", 0)
                                         for kk in kinds for x in rows[f"proxy_{kk}"])
                                  for k in ("miss", "hit-semantic", "hit-exact", "error")}
@@ -1385,15 +1392,18 @@ def markdown(res: dict[str, Any]) -> str:
     if "miss_overhead" in res:
         m = res["miss_overhead"]["medians"]
         lines += ["| miss overhead (mock TTFT 200 ms on the proxy's core, median of rounds) "
-                  "| direct P50 | proxy P50 | added P50 | direct P99 | proxy P99 | added P99 |",
+                  "| direct P50 | proxy P50 | added P50 (plain proxy) | direct P99 | proxy P99 "
+                  "| added P99 (plain proxy) |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for kind, title in (("conc", f"{m['concurrency']} concurrent, JSON latency"),
                             ("json", "one at a time, JSON latency"),
                             ("stream", "one at a time, stream TTFB")):
             lines.append(f"| {title} | {_f(m[f'direct_{kind}_p50_ms'])} | "
-                         f"{_f(m[f'proxy_{kind}_p50_ms'])} | {_f(m[f'added_{kind}_p50_ms'])} | "
+                         f"{_f(m[f'proxy_{kind}_p50_ms'])} | {_f(m[f'added_{kind}_p50_ms'])} "
+                         f"({_f(m.get(f'plain_added_{kind}_p50_ms', float('nan')))}) | "
                          f"{_f(m[f'direct_{kind}_p99_ms'])} | {_f(m[f'proxy_{kind}_p99_ms'])} | "
-                         f"{_f(m[f'added_{kind}_p99_ms'])} |")
+                         f"{_f(m[f'added_{kind}_p99_ms'])} "
+                         f"({_f(m.get(f'plain_added_{kind}_p99_ms', float('nan')))}) |")
         lines.append("")
     if "capacity" in res:
         c = res["capacity"]
