@@ -281,6 +281,15 @@ def fuse(ps: PairSet, fusion: dict[str, float]) -> np.ndarray:
     return np.where(same & (ps.cos >= SCORE_FLOOR), 1.0, p)
 
 
+def scored(ps: PairSet, floor: float, guards: bool, candidates: int = CANDIDATES) -> np.ndarray:
+    """The candidates a lookup scores: nearest first, those under the floor or rejected by the
+    guards skipped, the first ``candidates`` of the rest."""
+    ok = ps.cos >= floor
+    if guards:
+        ok &= ps.guard_ok
+    return ok & (np.cumsum(ok, axis=1) <= candidates)
+
+
 def hits(
     ps: PairSet,
     p: np.ndarray,
@@ -289,14 +298,9 @@ def hits(
     guards: bool,
     candidates: int = CANDIDATES,
 ) -> Served:
-    """Decide each query as SemanticCache.lookup does: candidates nearest first, those under the
-    floor or rejected by the guards skipped, the first ``candidates`` of the rest scored, the
-    first scored one with ``p >= cut`` served."""
-    ok = ps.cos >= floor
-    if guards:
-        ok &= ps.guard_ok
-    scored = ok & (np.cumsum(ok, axis=1) <= candidates)
-    passed = scored & (p >= cut)
+    """Decide each query as SemanticCache.lookup does: the first scored candidate (``scored``)
+    with ``p >= cut`` is served."""
+    passed = scored(ps, floor, guards, candidates) & (p >= cut)
     hit = passed.any(axis=1)
     col = passed.argmax(axis=1)
     return Served(hit, hit & ps.correct[np.arange(len(col)), col])

@@ -467,10 +467,7 @@ def calibrate(args: argparse.Namespace) -> None:
     # --candidates over the floor that the guards pass), each set weighing the same
     xs, ys, ws = [], [], []
     for ps in sets:
-        m = ~np.isnan(ps.logit) & (ps.cos >= args.floor)
-        if args.guards:
-            m &= ps.guard_ok
-        m &= np.cumsum(m, axis=1) <= args.candidates
+        m = ~np.isnan(ps.logit) & eb.scored(ps, args.floor, args.guards, args.candidates)
         if not m.any():
             continue
         xs.append(np.c_[ps.logit[m], ps.cos[m]])
