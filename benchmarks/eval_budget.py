@@ -117,13 +117,22 @@ def embed(texts: Sequence[str], tag: str) -> np.ndarray:
 
 
 def guard_ok(query: list[str], cand: list[list[str]]) -> np.ndarray:
-    """The hand guards of proxy.semantic.verifier (numbers, negation, entities, order...)."""
+    """The hand guards of proxy.semantic.verifier (numbers, negation, entities, order...), and
+    the default ``semantic.bypass_patterns`` as ``SemanticCache.eligible`` applies them: a
+    time-sensitive query skips the semantic layer (a miss) and a time-sensitive text is never
+    in the index (its candidate is skipped, as a rejected one is)."""
+    from proxy.config import SemanticConfig, time_sensitive
     from proxy.semantic.verifier import Verifier
 
     v = Verifier(guards=True)
+    ts = time_sensitive(SemanticConfig())
+
+    def eligible(text: str) -> bool:
+        return ts is None or not ts.search(text)
+
     return np.array(
         [
-            [bool(c) and v.verify(q, c, 1.0, 0.0).ok for c in cs]
+            [bool(c) and eligible(q) and eligible(c) and v.verify(q, c, 1.0, 0.0).ok for c in cs]
             for q, cs in zip(query, cand, strict=True)
         ]
     )

@@ -25,6 +25,7 @@ from proxy.config_check import _build, _check_url, _validate
 from proxy.config_check import namespace_error_rates as namespace_error_rates
 from proxy.config_check import namespace_thresholds as namespace_thresholds
 from proxy.config_check import parse_flows as parse_flows
+from proxy.config_check import time_sensitive as time_sensitive
 
 ENV_PREFIX: Final = "EDGE_PROXY_"
 
@@ -206,6 +207,7 @@ class SemanticConfig:
     #: that depend on the moment must not be served to a merely similar question.
     bypass_patterns: tuple[str, ...] = (
         r"\b(today|tonight|tomorrow|yesterday|right now|currently|latest|this (week|month|year))\b",
+        r"\b(current (time|date|day)|what time is it|what day is it)\b",
         r"\b(weather|forecast|stock price|exchange rate|news|score of)\b",
     )
     #: Snapshot file of the index (loaded at start, written at shutdown); empty = none.

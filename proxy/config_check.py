@@ -25,6 +25,15 @@ class ConfigError(ValueError):
     """A configuration value is missing or invalid; the message names the field."""
 
 
+def time_sensitive(cfg: SemanticConfig) -> re.Pattern[str] | None:
+    """One case-insensitive regex of semantic.bypass_patterns (None when there are none): the
+    questions whose answer depends on the moment. The semantic layer skips them and their exact
+    entries live semantic.time_sensitive_ttl_s; the evaluation leaves them out the same way."""
+    if not cfg.bypass_patterns:
+        return None
+    return re.compile("|".join(f"(?:{p})" for p in cfg.bypass_patterns), re.I)
+
+
 def namespace_error_rates(cfg: SemanticConfig) -> dict[str, float]:
     """Parse semantic.namespace_error_rates ("NAMESPACE=0.05")."""
     out = {}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from typing import Any, Final
 
@@ -17,7 +16,7 @@ from aiohttp import web
 
 from proxy.answer import CachedAnswer, fresh_ids
 from proxy.call import Call, cache_directives
-from proxy.config import Config
+from proxy.config import Config, time_sensitive
 from proxy.errors import ProxyError, model_not_found, payload_too_large, sse_error_event
 from proxy.events import EventLog, event
 from proxy.exact import ExactCache
@@ -83,8 +82,7 @@ class Proxy(SemanticPath):
         self.ledger = (ServedLedger(sc.feedback_max_entries, sc.feedback_window_s)
                        if config.cache.enabled and sc.feedback_max_entries else None)
         # questions whose answer depends on the moment: short exact TTL (and no semantic layer)
-        self.time_sensitive = (re.compile("|".join(f"(?:{p})" for p in sc.bypass_patterns), re.I)
-                               if sc.bypass_patterns else None)
+        self.time_sensitive = time_sensitive(sc)
         self._audits: set[Flight] = set()
         self._audit_tasks: set[asyncio.Task[None]] = set()
         self.events = EventLog(config)

@@ -244,6 +244,30 @@ async def test_audit_disagreement_is_evidence(make_proxy, tiers) -> None:
 
 
 @pytest.mark.parametrize(
+    "text, moment",
+    [
+        ("What's the weather in Paris today?", True),
+        ("you want to know about current time now", True),
+        ("What time is it in Tokyo?", True),
+        ("can you tell me the current date", True),
+        ("What is the EUR exchange rate?", True),
+        ("What is the time complexity of quicksort?", False),
+        ("What is the current ratio in accounting?", False),
+        ("What is the capital of France?", False),
+    ],
+)
+def test_time_sensitive_patterns(text: str, moment: bool) -> None:
+    """The default bypass patterns: one regex (config.time_sensitive) shared by the semantic
+    layer, the short TTL and the evaluation."""
+    from proxy.config import SemanticConfig, time_sensitive
+
+    ts = time_sensitive(SemanticConfig())
+    assert ts is not None
+    assert bool(ts.search(text)) is moment
+    assert time_sensitive(SemanticConfig(bypass_patterns=())) is None
+
+
+@pytest.mark.parametrize(
     "question, short",
     [
         ("What's the weather in Paris today?", True),

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +20,12 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 
 from proxy.answer import CachedAnswer
-from proxy.config import SemanticConfig, namespace_error_rates, namespace_thresholds
+from proxy.config import (
+    SemanticConfig,
+    namespace_error_rates,
+    namespace_thresholds,
+    time_sensitive,
+)
 from proxy.exact import ExactCache
 from proxy.keys import RequestKeys
 from proxy.metrics import Metrics
@@ -94,8 +98,7 @@ class SemanticCache:
                                            default_budget=cfg.max_error_rate)
         self.ns_budgets = namespace_error_rates(cfg)
         self._pair_pool = ThreadPoolExecutor(1, thread_name_prefix="pair-verifier")
-        self.bypass = (re.compile("|".join(f"(?:{p})" for p in cfg.bypass_patterns), re.I)
-                       if cfg.bypass_patterns else None)
+        self.bypass = time_sensitive(cfg)
         # shared mode: entries travel between sidecars on a Redis Stream
         self.shared = (SharedIndex(exact.cfg, cfg, self, metrics)
                        if exact.cfg.redis_url and cfg.shared else None)
