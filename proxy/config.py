@@ -232,6 +232,10 @@ class SemanticConfig:
     #: shipped cuts are calibrated for 1: a second candidate, scored when the nearest failed,
     #: is wrong more often, and calibrating for 2 raises the cut past what it adds (issue 13).
     verify_max_candidates: int = 1
+    #: The pair verifier's probability per (scope, query text, cached text), this many pairs
+    #: (~200 bytes each, whatever the text length): a wording asked again against the same
+    #: entry is decided without the cross-encoder (0 = no memo).
+    verify_memo_entries: int = 32_768
     #: Exact entries of time-sensitive questions (bypass_patterns) live this long.
     time_sensitive_ttl_s: float = 300.0
     #: Request ids remembered for POST /v1/feedback (older or unknown ids answer 404).

@@ -254,6 +254,8 @@ def _check_semantic_rates(sem: SemanticConfig) -> None:
         raise ConfigError("semantic.audit_agree_cosine: must be in (0, 1]")
     if sem.verify_max_candidates < 1:
         raise ConfigError("semantic.verify_max_candidates: must be >= 1")
+    if sem.verify_memo_entries < 0:
+        raise ConfigError("semantic.verify_memo_entries: must be >= 0")
     if sem.time_sensitive_ttl_s <= 0 or sem.feedback_window_s <= 0:
         raise ConfigError("semantic.time_sensitive_ttl_s / feedback_window_s: must be > 0")
     if sem.feedback_max_entries < 0:

@@ -277,6 +277,9 @@ class Metrics:
             "edge_proxy_semantic_verify_seconds",
             "Pair verifier time per scored candidate (worker thread)",
             buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.02, 0.05, 0.1), registry=r)
+        self.semantic_verify_memo = Counter("edge_proxy_semantic_verify_memo",
+                                            "Pair verifier lookups by memo result (a hit skips "
+                                            "the cross-encoder)", ["result"], registry=r)
         self.semantic_audits = Counter("edge_proxy_semantic_audits",
                                        "Audited semantic hits by verdict", ["verdict"],
                                        registry=r)

@@ -216,6 +216,31 @@ async def test_bad_feedback_removes_the_answer_from_both_sidecars(
             proc.wait(10)
 
 
+async def test_pair_memo_repeats_skip_the_cross_encoder(make_proxy, tiers) -> None:
+    """A wording asked again against the same entry takes its probability from the memo (no
+    second cross-encoder run, same decision); another tenant's identical pair does not (the
+    scope is in the memo key, so one tenant cannot time another's questions)."""
+    p = await make_proxy()
+    memo = p.proxy.semantic.metrics.semantic_verify_memo
+
+    def count(result: str) -> float:
+        return memo.labels(result)._value.get()
+
+    q = [{"role": "user", "content": "What are good ways to learn to play the guitar?"}]
+    para = [{"role": "user", "content": "What is the best way to learn guitar?"}]
+    outcomes = []
+    for key in ("sk-memo-a", "sk-memo-b"):
+        c = p.client(api_key=key)
+        await c.chat.completions.create(model="auto", messages=q)
+        for _ in range(2):
+            r = await c.chat.completions.with_raw_response.create(model="auto", messages=para)
+            outcomes.append(r.headers["x-cache"])
+    # each tenant: its first ask scores (memo miss), its second takes the memo (a hit)
+    assert count("miss") == 2 and count("hit") == 2
+    assert outcomes[0] == outcomes[1] and outcomes[2] == outcomes[3]
+    assert len(p.proxy.semantic._pair_memo) == 2
+
+
 async def test_audit_disagreement_is_evidence(make_proxy, tiers) -> None:
     """audit_rate 1: every semantic hit is asked upstream too. The mock's answer depends on the
     prompt, so the paraphrase's fresh answer differs from the served one: a disagreement."""

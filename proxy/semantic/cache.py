@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -98,6 +100,9 @@ class SemanticCache:
                                            default_budget=cfg.max_error_rate)
         self.ns_budgets = namespace_error_rates(cfg)
         self._pair_pool = ThreadPoolExecutor(1, thread_name_prefix="pair-verifier")
+        # p per (scope, query, cached) digest: a repeated wording skips the cross-encoder.
+        # Loop-only; the scope is in the key so one tenant's pairs never time another's.
+        self._pair_memo: OrderedDict[bytes, float] = OrderedDict()
         self.bypass = time_sensitive(cfg)
         # shared mode: entries travel between sidecars on a Redis Stream
         self.shared = (SharedIndex(exact.cfg, cfg, self, metrics)
@@ -236,6 +241,33 @@ class SemanticCache:
         self.metrics.semantic_verify_seconds.observe(time.perf_counter() - t0)
         return p
 
+    async def _pair_p(self, keys: RequestKeys, cached: str, sim: float) -> float:
+        """The pair verifier's probability: from the memo, else scored in its worker thread.
+        The same texts give the same vectors, cosine and logit, so the memo changes no
+        decision; the budget's cut is still applied to ``p`` on every lookup."""
+        size = self.cfg.verify_memo_entries
+        key = b""
+        if size > 0:
+            h = hashlib.blake2b(keys.scope, digest_size=16)
+            q = keys.query_text.encode("utf-8", "surrogatepass")
+            h.update(len(q).to_bytes(8, "little"))
+            h.update(q)
+            h.update(cached.encode("utf-8", "surrogatepass"))
+            key = h.digest()
+            memo = self._pair_memo.get(key)
+            if memo is not None:
+                self._pair_memo.move_to_end(key)
+                self.metrics.semantic_verify_memo.labels("hit").inc()
+                return memo
+            self.metrics.semantic_verify_memo.labels("miss").inc()
+        p = await asyncio.get_running_loop().run_in_executor(
+            self._pair_pool, self._score, keys.query_text, cached, sim)
+        if size > 0:
+            self._pair_memo[key] = p
+            while len(self._pair_memo) > size:
+                self._pair_memo.popitem(last=False)
+        return p
+
     def evidence(self, namespace: str, p: float, *, wrong: bool) -> None:
         """An audit's verdict on a served hit."""
         if self.budget is not None:
@@ -277,8 +309,7 @@ class SemanticCache:
                 if scored >= self.cfg.verify_max_candidates:
                     break
                 scored += 1
-                p = await asyncio.get_running_loop().run_in_executor(
-                    self._pair_pool, self._score, keys.query_text, entry.query_text, sim)
+                p = await self._pair_p(keys, entry.query_text, sim)
                 vec_c = cand_vec if cand_vec is not None else self.index.vector(entry.key)
                 if not self.budget.allow(namespace, p, vec_c, self.error_budget(namespace)):
                     self.metrics.semantic_rejects.labels("pair_verifier").inc()
