@@ -110,10 +110,6 @@ class ServerConfig:
     #: with the threshold, so this one keeps them few and bounded; cyclic garbage waits for up to
     #: 10k net allocations.
     gc_thresholds: tuple[int, ...] = (10_000, 10, 10)
-    #: sys.setswitchinterval at start: how long a thread that wants the GIL waits before the
-    #: running one is asked to drop it. The embedding and pair-verifier threads need the GIL
-    #: around each model run; Python's 5 ms made them wait behind a busy loop. 0 = Python's.
-    gil_switch_interval_s: float = 0.005
     #: Tenants with their own series in the per-namespace metrics; later ones count as "other".
     metrics_max_namespaces: int = 100
     #: Seconds a new connection has to deliver a complete request head, and an idle keep-alive

@@ -215,8 +215,6 @@ def _check_server(s: ServerConfig) -> None:
     gct = s.gc_thresholds
     if gct and (len(gct) > 3 or gct[0] < 1 or any(t < 0 for t in gct)):
         raise ConfigError("server.gc_thresholds: up to three integers, the first >= 1")
-    if not 0 <= s.gil_switch_interval_s <= 1:
-        raise ConfigError("server.gil_switch_interval_s: 0 (Python's) or up to 1 second")
     for fname in ("idle_timeout_s", "body_timeout_s"):
         if getattr(s, fname) <= 0:
             raise ConfigError(f"server.{fname}: must be > 0")

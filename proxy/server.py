@@ -10,7 +10,6 @@ import gc
 import logging
 import os
 import signal
-import sys
 import time as _time
 from collections.abc import Callable
 from typing import Final
@@ -231,8 +230,6 @@ class Server:
                  self.config.cache.redis_url or "off", limit)
         freeze_startup_heap()
         gcwatch.install(proxy.metrics, cfg.gc_thresholds)
-        if cfg.gil_switch_interval_s > 0:
-            sys.setswitchinterval(cfg.gil_switch_interval_s)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -61,8 +61,6 @@ def test_file_env_flags_precedence(tmp_path) -> None:
     ({"env": {}, "tier_flags": ["small=ftp://x"]}, "tiers.small.urls[0]"),
     ({"env": {}, "tier_flags": ["small"]}, "tiers"),
     ({"env": {"EDGE_PROXY_ROUTER__DEFAULT_TIER": "huge"}}, "router.default_tier"),
-    ({"env": {"EDGE_PROXY_SERVER__GIL_SWITCH_INTERVAL_S": "-1"}}, "server.gil_switch_interval_s"),
-    ({"env": {"EDGE_PROXY_SEMANTIC__VERIFY_MEMO_ENTRIES": "-5"}}, "semantic.verify_memo_entries"),
 ])
 def test_errors_name_the_field(kwargs, field) -> None:
     with pytest.raises(ConfigError) as exc:
