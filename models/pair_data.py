@@ -122,11 +122,32 @@ def cache_of(name: str) -> Utterances:
     return load_intent(name, "train")
 
 
+def sparse_cache_mask(labels: np.ndarray, oos: np.ndarray, per_intent: int,
+                      rng: np.random.Generator) -> np.ndarray:
+    """A random cache of ``per_intent`` utterances per in-scope intent, as a boolean mask (the
+    evaluation's sparse cache, drawn from the training utterances)."""
+    keep = np.zeros(len(labels), bool)
+    for lab in np.unique(labels[~oos]):
+        members = np.flatnonzero((labels == lab) & ~oos)
+        keep[rng.choice(members, min(per_intent, len(members)), replace=False)] = True
+    return keep
+
+
 def mine_intent_pairs(
-    u: Utterances, vecs: np.ndarray, rng: np.random.Generator, max_queries: int
+    u: Utterances,
+    vecs: np.ndarray,
+    rng: np.random.Generator,
+    max_queries: int,
+    sparse_per_intent: int = 0,
 ) -> list[tuple[str, str, int, str]]:
     """Per utterance: a same-intent positive (its nearest or a random one) and the nearest
-    utterance of another intent (hard negative). Out-of-scope utterances get negatives only."""
+    utterance of another intent (hard negative). Out-of-scope utterances get negatives only.
+
+    With ``sparse_per_intent``, also the pair a lookup meets in a sparse cache: the utterance
+    and its nearest entry in a random cache of that many utterances per intent (drawn anew for
+    every block of 512 queries), labelled by whether the intents match. That is the candidate
+    the evaluation's sparse cache hands the verifier, where the nearest is often another
+    intent's or a same-intent utterance worded quite differently."""
     n = len(u.texts)
     labels = np.array(u.labels)
     oos = np.array(u.oos)
@@ -136,6 +157,12 @@ def mine_intent_pairs(
         idx = order[start : start + 512]
         sims = vecs[idx] @ vecs.T
         sims[np.arange(len(idx)), idx] = -2.0
+        if sparse_per_intent:
+            cached = sparse_cache_mask(labels, oos, sparse_per_intent, rng)
+            for row, i in zip(np.where(cached, sims, -2.0), idx, strict=True):
+                j = int(np.argmax(row))
+                y = int(labels[j] == labels[i] and not oos[i])
+                out.append((u.texts[i], u.texts[j], y, "intent-sparse"))
         for row, i in zip(sims, idx, strict=True):
             other = (labels != labels[i]) | oos
             if oos[i]:

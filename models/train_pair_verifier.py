@@ -74,7 +74,9 @@ def make_pairs(args: argparse.Namespace) -> None:
     for name in args.sets.split(","):
         u = pdata.load_intent(name, "train")
         vecs = embed_texts(u.texts)
-        mined = pdata.mine_intent_pairs(u, vecs, rng, args.intent_queries)
+        mined = pdata.mine_intent_pairs(
+            u, vecs, rng, args.intent_queries, args.sparse_per_intent
+        )
         pairs += [(a, b, y, f"{name}-{k}") for a, b, y, k in mined]
         real_texts += u.texts
         print(f"{name}: {len(mined)} mined pairs", file=sys.stderr)
@@ -382,7 +384,7 @@ def export(args: argparse.Namespace) -> None:
     )
     build_model.unfuse_skip_layernorm(INT8_OUT)
     head = {
-        "w": (model.head.weight.detach().numpy()[0] * float(model.scale)).tolist(),
+        "w": (model.head.weight.detach().numpy()[0] * float(model.scale.detach())).tolist(),
         "b": float(model.head.bias.detach()[0]),
     }
     HEAD_OUT.write_text(json.dumps(head))
@@ -529,7 +531,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("data")
     d.add_argument("--sets", default=",".join(pdata.INTENT_SETS))
-    d.add_argument("--intent-queries", type=int, default=6000, help="per intent set")
+    d.add_argument("--intent-queries", type=int, default=20000, help="per intent set (all)")
+    d.add_argument(
+        "--sparse-per-intent", type=int, default=10,
+        help="also pair each query with its nearest entry of a random cache of N per intent",
+    )
     d.add_argument("--synth-per-kind", type=int, default=2500)
     d.add_argument("--synth-pos", type=int, default=6000)
     t = sub.add_parser("train")
