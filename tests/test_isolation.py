@@ -57,15 +57,16 @@ class Pair:
 
     a: str
     b: str
-    #: entries in b's semantic index: a paraphrase asked at b before the entry got there would
-    #: be a miss that stores its own answer (and every retry an exact hit)
-    b_entries: Callable[[], int]
+    #: the query texts in b's semantic index: a paraphrase asked at b before the entry got there
+    #: would be a miss that stores its own answer (and every retry an exact hit). A count would
+    #: not do: the previous case's miss, inserted after its answer, can land during this wait
+    b_count: Callable[[str], int]
 
 
 @pytest.fixture
 async def one_proxy(make_proxy: Any) -> AsyncIterator[Pair]:
     p = await make_proxy(tier_names=("small",))
-    yield Pair(p.url, p.url, lambda: len(p.proxy.semantic.index))
+    yield Pair(p.url, p.url, lambda q: _count(p, q))
 
 
 @pytest.fixture
@@ -73,7 +74,12 @@ async def two_proxies(make_proxy: Any, redis_url: str, redis_prefix: str) -> Asy
     cache = {"redis_url": redis_url, "redis_prefix": redis_prefix}
     a = await make_proxy(tier_names=("small",), cache=cache)
     b = await make_proxy(tier_names=("small",), cache=cache)
-    yield Pair(a.url, b.url, lambda: len(b.proxy.semantic.index))
+    yield Pair(a.url, b.url, lambda q: _count(b, q))
+
+
+def _count(p: Any, text: str) -> int:
+    """Entries of ``text`` in p's semantic index (any scope)."""
+    return sum(e.query_text == text for e in p.proxy.semantic.index.entries())
 
 
 async def _same_namespace_hit(url: str, payload: dict[str, Any], headers: dict[str, str],
@@ -145,19 +151,26 @@ async def _semantic_case(pair: Pair, tenants: tuple[dict[str, str], dict[str, st
     def body(q: str) -> dict[str, Any]:
         return {"model": "auto", "messages": [system, {"role": "user", "content": q}]}
 
-    before = pair.b_entries()
+    before = pair.b_count(question)
     got, h, _ = await post(pair.a, body(question), a)
     assert got == 200 and h["x-cache"] == "miss"
-    for _ in range(100):  # the shared stream delivers within tens of ms
-        if pair.b_entries() > before:
-            break
-        await _sleep(0.02)
+    await _until_more(pair, question, before)
     seen = await _same_namespace_hit(pair.b, body(paraphrase), a, {"hit-semantic"})
     assert seen == "hit-semantic", f"paraphrase not served within the namespace: {seen}"
     url = pair.a if which & 1 else pair.b
     q = question if which & 2 else paraphrase
+    before = pair.b_count(q)
     got, h, _ = await post(url, body(q), b)
     assert got == 200 and h["x-cache"] not in HITS, (a, b, q, h["x-cache"])
+    # B's miss stored its own entry, inserted after the answer: let it land before the next case
+    await _until_more(pair, q, before)
+
+
+async def _until_more(pair: Pair, text: str, before: int) -> None:
+    for _ in range(250):  # the shared stream delivers within tens of ms
+        if pair.b_count(text) > before:
+            return
+        await _sleep(0.02)
 
 
 @UVLOOP_ONLY

@@ -212,13 +212,28 @@ async def test_single_flight(vllm: VLLMServer, make_vproxy: Any) -> None:
     """Identical concurrent streams share one vLLM request (a long one, never cacheable)."""
     p = await make_vproxy(vllm)
     body = request("completions", stream=True, max_tokens=150, ignore_eos=True)
+    success = "vllm:request_success_total"
+    # vLLM counts a request in its output loop, which can lag its last byte: wait for the count
+    start = await vllm_counter(vllm, success)
     direct = await post(vllm.url, PATHS["completions"], body)
-    before = await vllm_counter(vllm, "vllm:request_success_total")
+    before = await counter_reaches(vllm, success, start + 1)
     replies = await asyncio.gather(*(post(p.url, PATHS["completions"], body) for _ in range(4)))
     for r in replies:
         assert_same(direct, r)
     assert view(direct)["choices"][0]["finish_reason"] == "length"
-    assert await vllm_counter(vllm, "vllm:request_success_total") - before == 1
+    await counter_reaches(vllm, success, before + 1)
+    await asyncio.sleep(0.5)  # a second upstream request, if any, would be counted by now
+    assert await vllm_counter(vllm, success) - before == 1
+
+
+async def counter_reaches(vllm: VLLMServer, name: str, at_least: float) -> float:
+    """Poll a vLLM counter until it reaches ``at_least`` (10 s at most); its last value."""
+    for _ in range(100):
+        value = await vllm_counter(vllm, name)
+        if value >= at_least:
+            return value
+        await asyncio.sleep(0.1)
+    return value
 
 
 async def test_disconnect_aborts_generation(vllm: VLLMServer, make_vproxy: Any) -> None:
