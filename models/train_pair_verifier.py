@@ -321,7 +321,10 @@ def train(args: argparse.Namespace) -> None:
         ids, mask = encode_pairs(tok, [r["a"] for r in b], [r["b"] for r in b])
         y = torch.tensor([float(r["y"]) for r in b])
         w = torch.tensor([float(weight.get(r["kind"].split("-")[0], 1.0)) for r in b])
-        logit = model(torch.from_numpy(ids), torch.from_numpy(mask))
+        # bf16 autocast: the weights and the optimiser stay fp32 (what export reads); the matmuls
+        # run in bf16, on AMX where the CPU has it (1.7x faster per step on a Xeon with AMX)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            logit = model(torch.from_numpy(ids), torch.from_numpy(mask)).float()
         loss = (
             torch.nn.functional.binary_cross_entropy_with_logits(logit, y, reduction="none") * w
         ).sum() / w.sum()
@@ -548,6 +551,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--ckpt-every", type=int, default=200)
     t.add_argument("--kind-weight", default="synth=1.5")
     t.add_argument("--fresh", action="store_true")
+    t.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast in the forward pass (fast where the CPU has AMX)")
     t.add_argument("--epochs", type=int, default=1,
                    help="passes over the pairs; resuming a 1-epoch checkpoint with --epochs 2 "
                    "continues into the second pass (the rates restart at --lr / --head-lr and "
