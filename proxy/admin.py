@@ -1,7 +1,9 @@
 """Admin API: stats, purge (a namespace or one key), snapshot now, and the status page.
 
-Mounted as an aiohttp sub-application under ``/admin/`` with one middleware for auth and
-errors, so the checks cost nothing on ``/v1/*``. Every route needs
+Mounted as an aiohttp sub-application under ``/admin/``; each route is wrapped in ``guard``
+(auth and errors) rather than the sub-application having a middleware: aiohttp runs the
+middleware chain for every request of the main app once any sub-application has one, and the
+checks must cost nothing on ``/v1/*``. Every route needs
 ``Authorization: Bearer <server.admin_token>``, compared in constant time; without a configured
 token the admin API answers 404 (it does not exist). Namespaces are named as the proxy names
 them: ``key:<hash of the API key>`` (or ``anon``), then ``/ns:<x-cache-namespace>`` for a
@@ -21,7 +23,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from proxy import __version__, gcwatch, status
-from proxy.errors import ProxyError, bad_request, route_error
+from proxy.errors import ProxyError, add_fallback_route, bad_request
 from proxy.handlers import Proxy
 from proxy.keys import namespace_of
 
@@ -70,13 +72,14 @@ class Admin:
 
     def app(self) -> web.Application:
         """The sub-application to mount at /admin/ (the status page at /admin/ itself)."""
-        app = web.Application(middlewares=[self.guard])
+        app = web.Application()
         app[ADMIN_KEY] = self
-        app.router.add_get("/", self.page)
-        app.router.add_get("/stats", self.stats)
-        app.router.add_post("/purge", self.purge)
-        app.router.add_post("/snapshot", self.snapshot)
-        app.router.add_post("/namespace", self.namespace)
+        app.router.add_get("/", self.guard(self.page, auth=False))
+        app.router.add_get("/stats", self.guard(self.stats))
+        app.router.add_post("/purge", self.guard(self.purge))
+        app.router.add_post("/snapshot", self.guard(self.snapshot))
+        app.router.add_post("/namespace", self.guard(self.namespace))
+        add_fallback_route(app)
 
         async def start_series(app: web.Application) -> None:
             if self.token:
@@ -89,19 +92,19 @@ class Admin:
         app.on_cleanup.append(stop_series)
         return app
 
-    @web.middleware
-    async def guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Auth for every admin route but the page, and every admin error as an OpenAI-style
-        response."""
-        try:
-            match_error = request.match_info.http_exception
-            if match_error is not None:  # unknown route or method: as on the main app
-                raise route_error(request, match_error)
-            if handler != self.page:
-                self._check(request)
-            return await handler(request)
-        except ProxyError as err:
-            return err.response()
+    def guard(self, handler: Handler, auth: bool = True) -> Handler:
+        """``handler`` with the admin token checked (``auth``) and every admin error as an
+        OpenAI-style response."""
+
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            try:
+                if auth:
+                    self._check(request)
+                return await handler(request)
+            except ProxyError as err:
+                return err.response()
+
+        return guarded
 
     async def page(self, request: web.Request) -> web.StreamResponse:
         """The status page. The HTML holds no data (it reads /admin/stats with the token the

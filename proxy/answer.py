@@ -23,8 +23,8 @@ _DONE: Final = b"data: [DONE]\n\n"
 class CachedAnswer:
     """One complete, successful upstream answer."""
 
-    __slots__ = ("_sse", "_sse_usage", "body", "completion_tokens", "created", "endpoint",
-                 "prompt_tokens", "tier")
+    __slots__ = ("_sse", "_sse_usage", "_tokens", "body", "completion_tokens", "created",
+                 "endpoint", "prompt_tokens", "tier")
 
     def __init__(self, endpoint: str, body: bytes, tier: str, prompt_tokens: int,
                  completion_tokens: int, created: float | None = None) -> None:
@@ -36,11 +36,14 @@ class CachedAnswer:
         self.created = time.time() if created is None else created
         self._sse: bytes | None = None
         self._sse_usage: bytes | None = None
+        # per replay form (0 JSON, 1 SSE, 2 SSE with usage): where its id and created are
+        self._tokens: list[_Tokens | None] | None = None
 
     @property
     def size(self) -> int:
         """Bytes this entry holds (body and built SSE replays), for the L1 byte bound."""
-        return 200 + len(self.body) * 3  # body + both SSE variants once built
+        # body + both SSE variants once built + where their ids are (``replay``), once found
+        return 600 + len(self.body) * 3
 
     def fits(self, max_tokens: int | None) -> bool:
         """True if this answer is what a request with ``max_tokens`` would also get."""
@@ -55,6 +58,22 @@ class CachedAnswer:
         if self._sse is None:
             self._sse = _build_sse(self.endpoint, orjson.loads(self.body), False)
         return self._sse
+
+    def replay(self, stream: bool, include_usage: bool = False) -> bytes:
+        """The bytes a hit is served: the body or its SSE form with its own ``id`` and
+        ``created`` (now), as a new generation would have: two responses never share an id, and
+        a day-old entry does not say it was made a day ago. The first id/created of the body
+        (or of every SSE frame) is rewritten, the rest kept; where they are is found once per
+        form, so a hit pays two replaces, not two searches."""
+        form = 0 if not stream else (2 if include_usage else 1)
+        data = self.sse(include_usage) if stream else self.body
+        found = self._tokens
+        if found is None:
+            found = self._tokens = [None, None, None]
+        tokens = found[form]
+        if tokens is None:
+            tokens = found[form] = _find_tokens(data)
+        return _fresh(data, tokens)
 
     def dumps(self) -> bytes:
         """Serialized form for Redis: a magic line, a JSON header line, the body bytes."""
@@ -81,18 +100,25 @@ _ID_RE: Final = re.compile(rb'"id":"((?:chatcmpl-|cmpl-)?)([^"\\]*)"')
 _CREATED_RE: Final = re.compile(rb'"created":(\d+)')
 
 
-def fresh_ids(data: bytes) -> bytes:
-    """A replay with its own ``id`` and ``created`` (now), as a new generation would have: two
-    responses never share an id, and a day-old entry does not say it was made a day ago.
-    The first id/created of the body (or of every SSE frame) is rewritten; the rest is kept."""
+#: (the id token, its prefix "chatcmpl-"/"cmpl-"), the created token; None where absent
+_Tokens = tuple[tuple[bytes, bytes] | None, bytes | None]
+
+
+def _find_tokens(data: bytes) -> _Tokens:
     head = data[:512]
     m = _ID_RE.search(head)
     c = _CREATED_RE.search(head)
-    if m is not None:
-        data = data.replace(m.group(0), b'"id":"' + m.group(1) + os.urandom(8).hex().encode()
+    return (None if m is None else (m.group(0), m.group(1)),
+            None if c is None else c.group(0))
+
+
+def _fresh(data: bytes, tokens: _Tokens) -> bytes:
+    id_tok, created_tok = tokens
+    if id_tok is not None:
+        data = data.replace(id_tok[0], b'"id":"' + id_tok[1] + os.urandom(8).hex().encode()
                             + b'"')
-    if c is not None:
-        data = data.replace(c.group(0), b'"created":' + str(int(time.time())).encode())
+    if created_tok is not None:
+        data = data.replace(created_tok, b'"created":%d' % int(time.time()))
     return data
 
 

@@ -93,11 +93,27 @@ def method_not_allowed(method: str, path: str, allowed: list[str]) -> ProxyError
                       code="method_not_allowed", headers={"Allow": ", ".join(allowed)})
 
 
-def route_error(request: web.Request, exc: web.HTTPException) -> ProxyError:
-    """aiohttp's unmatched route (404) or method (405) as an OpenAI-style error."""
-    if isinstance(exc, web.HTTPMethodNotAllowed):
-        return method_not_allowed(request.method, request.path, sorted(exc.allowed_methods))
-    return no_route(request.path)
+def add_fallback_route(app: web.Application) -> None:
+    """Unknown paths (404) and wrong methods (405) of ``app`` as OpenAI-style JSON; add it
+    last.
+
+    A catch-all route rather than a middleware: a middleware wraps every request (one in a
+    sub-application makes aiohttp run the middleware chain for the main app's requests too),
+    this costs nothing on the routes that match. The known paths are read at the first miss,
+    when a sub-application's routes carry their prefix.
+    """
+    known: dict[str, web.AbstractResource] = {}
+
+    async def fallback(request: web.Request) -> web.Response:
+        if not known:
+            known.update((r.canonical, r) for r in app.router.resources())
+        res = known.get(request.path)
+        if res is not None:
+            allowed = sorted({route.method for route in res})
+            return method_not_allowed(request.method, request.path, allowed).response()
+        return no_route(request.path).response()
+
+    app.router.add_route("*", "/{tail:.*}", fallback)
 
 
 def upstream_unavailable(message: str) -> ProxyError:

@@ -15,17 +15,16 @@ from __future__ import annotations
 import json
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 __all__ = ["ServedLedger", "ServedRecord", "answer_text", "texts_agree"]
 
 
-@dataclass(slots=True, frozen=True)
-class ServedRecord:
-    """One answered request: what a rating of it refers to."""
+class ServedRecord(NamedTuple):
+    """One answered request: what a rating of it refers to (a tuple: one is made per request,
+    and a frozen dataclass costs several times as much to build)."""
 
     namespace: str
     key: bytes  # exact key of the answer that was served (or stored by this miss)
@@ -56,10 +55,12 @@ class ServedLedger:
         vec: np.ndarray | None = None,
     ) -> None:
         v = None if vec is None else np.asarray(vec, np.float16).reshape(-1).copy()
-        self._d[rid] = ServedRecord(namespace, key, outcome, p, v, time.monotonic())
-        self._d.move_to_end(rid)
-        while len(self._d) > self.max_entries:
-            self._d.popitem(last=False)
+        d = self._d
+        if rid in d:  # a client's own x-request-id, again: it moves to the newest end
+            del d[rid]
+        d[rid] = ServedRecord(namespace, key, outcome, p, v, time.monotonic())
+        while len(d) > self.max_entries:
+            d.popitem(last=False)
 
     def get(self, rid: str) -> ServedRecord | None:
         rec = self._d.get(rid)

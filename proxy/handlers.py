@@ -14,7 +14,7 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from proxy.answer import CachedAnswer, fresh_ids
+from proxy.answer import CachedAnswer
 from proxy.call import Call, cache_directives
 from proxy.config import Config, time_sensitive
 from proxy.errors import ProxyError, model_not_found, payload_too_large, sse_error_event
@@ -264,8 +264,11 @@ class Proxy(SemanticPath):
         check_content_type(request.headers.get("Content-Type"))
         check_content_length(request.content_length, limit)
         try:
-            async with asyncio.timeout(cfg.body_timeout_s):
+            if request.content.is_eof():  # all of it arrived with the head: nothing to wait for
                 raw = await request.read()
+            else:
+                async with asyncio.timeout(cfg.body_timeout_s):
+                    raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise payload_too_large(limit) from None
         except TimeoutError:
@@ -502,10 +505,10 @@ class Proxy(SemanticPath):
             call.saved_usd = self.metrics.save(tier.cfg, call.namespace, answer.prompt_tokens,
                                                answer.completion_tokens)
         if call.stream:
-            resp = web.Response(body=fresh_ids(answer.sse(call.include_usage)),
+            resp = web.Response(body=answer.replay(True, call.include_usage),
                                 headers={**SSE_HEADERS, **call.headers()})
         else:
-            resp = web.Response(body=fresh_ids(answer.body), content_type=JSON,
+            resp = web.Response(body=answer.replay(False), content_type=JSON,
                                 headers=call.headers())
         self.metrics.observe_request(call.endpoint, outcome, tier_name,
                                      time.perf_counter() - call.t0)

@@ -21,7 +21,7 @@ from aiohttp.abc import AbstractAccessLogger
 from proxy import gcwatch, passthrough
 from proxy.admin import ADMIN_KEY, Admin
 from proxy.config import Config
-from proxy.errors import ProxyError, method_not_allowed, no_route
+from proxy.errors import ProxyError, add_fallback_route
 from proxy.handlers import Proxy
 from proxy.logs import ACCESS_LOGGER
 from proxy.metrics import Metrics
@@ -29,24 +29,6 @@ from proxy.metrics import Metrics
 log = logging.getLogger(__name__)
 
 PROXY_KEY = web.AppKey("proxy", Proxy)
-
-
-def _fallback_route(app: web.Application) -> None:
-    """Unknown paths (404) and wrong methods (405) as OpenAI-style JSON.
-
-    A catch-all route rather than a middleware: a middleware wraps every request, this costs
-    nothing on the routes that match.
-    """
-    known = {r.canonical: r for r in app.router.resources()}
-
-    async def fallback(request: web.Request) -> web.Response:
-        res = known.get(request.path)
-        if res is not None:
-            allowed = sorted({route.method for route in res})
-            return method_not_allowed(request.method, request.path, allowed).response()
-        return no_route(request.path).response()
-
-    app.router.add_route("*", "/{tail:.*}", fallback)
 
 
 async def _admin_slash(request: web.Request) -> web.StreamResponse:
@@ -78,7 +60,7 @@ def build_app(config: Config, metrics: Metrics | None = None) -> web.Application
     app[ADMIN_KEY] = admin  # the status page test reads its series
     app.add_subapp("/admin/", admin.app())
     passthrough.routes(app, proxy)
-    _fallback_route(app)
+    add_fallback_route(app)
 
     async def startup(app: web.Application) -> None:
         await proxy.start()
