@@ -325,6 +325,13 @@ async def test_unknown_route_and_wrong_method(make_proxy) -> None:
             assert "POST" in r.headers["Allow"]
         async with s.post(p.url + "/v2/whatever", json={}) as r:
             assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
+        # the admin sub-application answers the same way (its own catch-all, no middleware)
+        async with s.get(p.url + "/admin/purge") as r:
+            body = await r.json()
+            assert r.status == 405 and body["error"]["code"] == "method_not_allowed"
+            assert r.headers["Allow"] == "POST"
+        async with s.get(p.url + "/admin/whatever") as r:
+            assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
 
 
 @pytest.mark.parametrize("stream", [False, True])
