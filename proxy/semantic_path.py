@@ -76,12 +76,12 @@ class SemanticPath:
         if call.routed and self.router is not None and len(self.tiers) > 1:
             return False
         query = call.keys.query_text
-        return sem.eligible(query) and not sem.embedder.has(query)
+        return sem.eligible(query) and not sem.embedder.has(query, call.namespace)
 
     async def _embed(self, call: Call, query: str) -> np.ndarray | None:
         assert self.semantic is not None
         try:
-            return await self.semantic.embed(query)
+            return await self.semantic.embed(query, call.namespace)
         except Exception:  # the semantic layer is an optimisation: never fail for it
             log.exception("embedding failed; serving without the semantic layer")
             self.metrics.semantic_rejects.labels("embed_error").inc()
@@ -169,7 +169,7 @@ class SemanticPath:
         query = call.keys.query_text if call.keys is not None else ""
         if sem is not None and sem.eligible(query):
             try:
-                call.vec = await sem.embed(query)
+                call.vec = await sem.embed(query, call.namespace)
             except Exception:  # the semantic layer is an optimisation: never fail for it
                 log.exception("embedding failed; serving without the semantic layer")
                 self.metrics.semantic_rejects.labels("embed_error").inc()
@@ -228,7 +228,7 @@ class SemanticPath:
         a, b = answer_text(served.body), answer_text(fresh.body)
         agree = texts_agree(a, b)
         if agree is None:
-            va, vb = await sem.embed(a), await sem.embed(b)
+            va, vb = await sem.embed(a, namespace), await sem.embed(b, namespace)
             if va is None or vb is None:
                 self.metrics.semantic_audits.labels("undecided").inc()
                 return

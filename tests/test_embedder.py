@@ -204,6 +204,26 @@ async def test_cache_hit_and_coalescing() -> None:
         await e.close()
 
 
+async def test_cache_and_coalescing_are_per_tenant() -> None:
+    """A tenant never gets another tenant's vector from the LRU, nor joins its text in flight:
+    either would answer faster and so tell it that someone else asked that text."""
+    e = Embedder(cache_size=8)
+    await e.start()
+    try:
+        a, b = await asyncio.gather(e.embed("same text", scope="key:a"),
+                                    e.embed("same text", scope="key:b"))
+        assert e.stats.coalesced == 0 and e.stats.texts == 2  # two runs, none joined
+        assert np.array_equal(a, b)  # the same text still has the same vector
+        assert e.has("same text", "key:a") and not e.has("same text", "key:c")
+        assert e.cached("same text", "key:c") is None and e.stats.cache_hits == 0
+        assert e.cached("same text", "key:b") is b and e.stats.cache_hits == 1
+        # the scope cannot be forged by moving bytes between scope and text
+        assert text_key("b:x", "key:a") != text_key("x", "key:a:b")
+        assert text_key("x", "") == text_key("x")  # unscoped keys as before
+    finally:
+        await e.close()
+
+
 async def test_loop_stays_responsive() -> None:
     e = Embedder(max_batch=64)
     await e.start()

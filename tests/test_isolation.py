@@ -189,6 +189,26 @@ async def test_semantic_hits_stay_within_a_namespace_through_redis(
     await _semantic_case(two_proxies, tenants, *pair, which)
 
 
+@UVLOOP_ONLY
+async def test_embedding_cache_is_per_tenant(make_proxy: Any) -> None:
+    """B asking the text A just asked gets its own embedding, not A's from the embedder's LRU:
+    an LRU hit skips the model and answers measurably faster, which would tell B that someone
+    asked that text. A asking again is an LRU hit (its own vector)."""
+    p = await make_proxy(tier_names=("small",))
+    stats = p.proxy.semantic.embedder.stats
+    text = f"per-tenant embedding {next(_unique)}: how far is the moon from the earth?"
+    a, b = {"Authorization": "Bearer sk-tenant-a"}, {"Authorization": "Bearer sk-tenant-b"}
+    got, h, _ = await post(p.url, chat(text), a)
+    assert got == 200 and h["x-cache"] == "miss"
+    texts, hits = stats.texts, stats.cache_hits
+    got, h, _ = await post(p.url, chat(text), b)
+    assert got == 200 and h["x-cache"] == "miss"
+    assert stats.texts == texts + 1 and stats.cache_hits == hits  # B's own run, not A's vector
+    # A again, past its stored answer (no-cache: no lookup; the router still wants the vector)
+    got, h, _ = await post(p.url, chat(text), {**a, "Cache-Control": "no-cache"})
+    assert got == 200 and stats.texts == texts + 1 and stats.cache_hits == hits + 1
+
+
 # -- secrets ----------------------------------------------------------------------------------
 
 

@@ -197,32 +197,33 @@ class SemanticCache:
                 t = max(t, min(1.0, float(requested)))
         return t
 
-    def would_wait(self, text: str) -> bool:
+    def would_wait(self, text: str, scope: str = "") -> bool:
         """Is this query's vector estimated to miss ``embed_deadline_s``? (counted as a shed)"""
         deadline = self.cfg.embed_deadline_s
-        if deadline <= 0 or self.embedder.estimate_s(text) <= deadline:
+        if deadline <= 0 or self.embedder.estimate_s(text, scope) <= deadline:
             return False
         self.embedder.stats.skipped += 1
         self.metrics.semantic_skipped.labels("deadline").inc()
         return True
 
-    async def embed(self, text: str) -> np.ndarray | None:
+    async def embed(self, text: str, scope: str = "") -> np.ndarray | None:
         """The query's vector, or None: shed (estimated wait over ``embed_deadline_s``) or not
-        ready within ``embed_timeout_s``.
+        ready within ``embed_timeout_s``. ``scope``: the tenant's namespace (the embedder's LRU
+        answers a tenant only with vectors it asked for itself).
 
         Past its capacity the proxy sheds semantic work instead of queueing it: a request then
         goes on without the semantic layer. A timed-out embedding still completes in the
         background and lands in the embedder's LRU.
         """
         t0 = time.perf_counter()
-        vec = self.embedder.cached(text)
+        vec = self.embedder.cached(text, scope)
         if vec is not None:
             self.metrics.embed_seconds.observe(time.perf_counter() - t0)
             return vec
-        if self.would_wait(text):
+        if self.would_wait(text, scope):
             return None
         try:
-            vec = await self.embedder.embed(text, self.cfg.embed_timeout_s)
+            vec = await self.embedder.embed(text, self.cfg.embed_timeout_s, scope)
         except TimeoutError:
             self.metrics.semantic_rejects.labels("embed_timeout").inc()
             self.metrics.semantic_skipped.labels("timeout").inc()

@@ -75,10 +75,21 @@ class ModelChecksumError(RuntimeError):
     """The model file is not the pinned one."""
 
 
-def text_key(text: str) -> bytes:
+def text_key(text: str, scope: str = "") -> bytes:
     """The LRU's key of a text: a 16-byte digest, so the LRU's memory does not grow with
-    prompt length (whole prompts as keys: +920 MiB for 300 long prompts, issue 11)."""
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    prompt length (whole prompts as keys: +920 MiB for 300 long prompts, issue 11).
+
+    ``scope`` (the tenant's namespace) is part of the key: a vector in the LRU, or one being
+    computed, answers only the tenant that asked for it. Shared, an LRU hit (or joining a text
+    in flight) would tell another tenant by its response time that someone asked that text."""
+    data = text.encode("utf-8", "surrogatepass")
+    if not scope:
+        return hashlib.blake2b(data, digest_size=16).digest()
+    s = scope.encode("utf-8", "surrogatepass")
+    h = hashlib.blake2b(len(s).to_bytes(4, "little"), digest_size=16)
+    h.update(s)
+    h.update(data)
+    return h.digest()
 
 
 @dataclass
@@ -223,10 +234,10 @@ class Embedder:
         for t in self._threads:
             t.start()
 
-    def cached(self, text: str) -> np.ndarray | None:
-        """The text's vector if the LRU has it (no worker, no wait; counted as a call and a
-        cache hit), else None (not counted: ``embed`` follows)."""
-        key = text_key(text)
+    def cached(self, text: str, scope: str = "") -> np.ndarray | None:
+        """The text's vector if the LRU has it for ``scope`` (no worker, no wait; counted as a
+        call and a cache hit), else None (not counted: ``embed`` follows)."""
+        key = text_key(text, scope)
         vec = self._cache.get(key)
         if vec is not None:
             self._cache.move_to_end(key)
@@ -234,11 +245,11 @@ class Embedder:
             self.stats.cache_hits += 1
         return vec
 
-    def has(self, text: str) -> bool:
-        """Is the text's vector in the LRU (no wait for it)?"""
-        return text_key(text) in self._cache
+    def has(self, text: str, scope: str = "") -> bool:
+        """Is the text's vector in the LRU for ``scope`` (no wait for it)?"""
+        return text_key(text, scope) in self._cache
 
-    def estimate_s(self, text: str | None = None) -> float:
+    def estimate_s(self, text: str | None = None, scope: str = "") -> float:
         """Seconds a text queued now would wait before a worker starts on it (0 for one in the
         LRU or already in flight, and whenever a worker is free).
 
@@ -249,7 +260,9 @@ class Embedder:
         counted: with an idle queue a lookup is always tried (and the moving average stays
         current), ``semantic.embed_timeout_s`` bounds the rest.
         """
-        if text is not None and ((key := text_key(text)) in self._cache or key in self._pending):
+        if text is not None and (
+            (key := text_key(text, scope)) in self._cache or key in self._pending
+        ):
             return 0.0
         ahead = len(self._pending)
         if ahead < self.workers:
@@ -260,15 +273,17 @@ class Embedder:
             est = max(est, self._loop.time() - oldest)
         return est
 
-    async def embed(self, text: str, timeout: float | None = None) -> np.ndarray:
+    async def embed(self, text: str, timeout: float | None = None, scope: str = ""
+                    ) -> np.ndarray:
         """The text's (384,) vector (read-only); cache hits return without the worker.
 
         ``timeout``: seconds to wait for the worker, then TimeoutError; the embedding still
-        completes and lands in the cache.
+        completes and lands in the cache. ``scope``: the tenant (``text_key``); the same text
+        in another scope is embedded again, never joined or served from the LRU.
         """
         self.stats.calls += 1
         # keyed by a digest, not the text: the LRU's memory does not grow with prompt length
-        key = text_key(text)
+        key = text_key(text, scope)
         vec = self._cache.get(key)
         if vec is not None:
             self._cache.move_to_end(key)
