@@ -35,12 +35,16 @@ class ServedRecord(NamedTuple):
 
 
 class ServedLedger:
-    """Bounded request id -> ServedRecord, oldest first out, entries older than max_age_s dead."""
+    """Bounded (namespace, request id) -> ServedRecord, oldest first out, entries older than
+    max_age_s dead.
+
+    Keyed by the namespace as well as the id: ids may be the client's own ``x-request-id``, so
+    two tenants can use the same one, and neither may overwrite or rate the other's record."""
 
     def __init__(self, max_entries: int = 50_000, max_age_s: float = 3600.0) -> None:
         self.max_entries = max_entries
         self.max_age_s = max_age_s
-        self._d: OrderedDict[str, ServedRecord] = OrderedDict()
+        self._d: OrderedDict[tuple[str, str], ServedRecord] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._d)
@@ -56,31 +60,36 @@ class ServedLedger:
     ) -> None:
         v = None if vec is None else np.asarray(vec, np.float16).reshape(-1).copy()
         d = self._d
-        if rid in d:  # a client's own x-request-id, again: it moves to the newest end
-            del d[rid]
-        d[rid] = ServedRecord(namespace, key, outcome, p, v, time.monotonic())
+        k = (namespace, rid)
+        if k in d:  # a client's own x-request-id, again: it moves to the newest end
+            del d[k]
+        d[k] = ServedRecord(namespace, key, outcome, p, v, time.monotonic())
         while len(d) > self.max_entries:
             d.popitem(last=False)
 
-    def get(self, rid: str) -> ServedRecord | None:
-        rec = self._d.get(rid)
+    def get(self, rid: str, namespace: str) -> ServedRecord | None:
+        """The record of ``rid`` answered in ``namespace`` (None: unknown, another
+        namespace's, or older than max_age_s)."""
+        k = (namespace, rid)
+        rec = self._d.get(k)
         if rec is None:
             return None
         if time.monotonic() - rec.at > self.max_age_s:
-            del self._d[rid]
+            del self._d[k]
             return None
         return rec
 
-    def pop(self, rid: str) -> ServedRecord | None:
-        rec = self.get(rid)
+    def pop(self, rid: str, namespace: str) -> ServedRecord | None:
+        rec = self.get(rid, namespace)
         if rec is not None:
-            del self._d[rid]
+            del self._d[(namespace, rid)]
         return rec
 
     def memory_bytes(self) -> int:
-        """Rough bytes held (record + id + vector)."""
+        """Rough bytes held (record + namespace + id + vector)."""
         return sum(
-            200 + len(k) + (0 if r.vec is None else r.vec.nbytes) for k, r in self._d.items()
+            200 + len(ns) + len(rid) + (0 if r.vec is None else r.vec.nbytes)
+            for (ns, rid), r in self._d.items()
         )
 
 

@@ -17,7 +17,7 @@ from aiohttp import web
 from proxy.answer import CachedAnswer
 from proxy.call import Call, cache_directives
 from proxy.config import Config, time_sensitive
-from proxy.errors import ProxyError, model_not_found, payload_too_large, sse_error_event
+from proxy.errors import ProxyError, model_not_found, sse_error_event
 from proxy.events import EventLog, event
 from proxy.exact import ExactCache
 from proxy.feedback import ServedLedger
@@ -30,14 +30,7 @@ from proxy.semantic.cache import SemanticCache
 from proxy.semantic_path import SemanticPath, prompt_text
 from proxy.traffic import Traffic
 from proxy.upstream import TierClient
-from proxy.validate import (
-    body_timeout,
-    check_content_length,
-    check_content_type,
-    check_headers,
-    parse_json,
-    validate,
-)
+from proxy.validate import check_headers, parse_json, read_json_body, validate
 
 log = logging.getLogger(__name__)
 
@@ -259,22 +252,8 @@ class Proxy(SemanticPath):
     async def _read_body(self, call: Call) -> None:
         """Read, bound, parse and validate the JSON body."""
         request, cfg = call.request, self.config.server
-        limit = cfg.max_body_bytes
         check_headers(request.headers)
-        check_content_type(request.headers.get("Content-Type"))
-        check_content_length(request.content_length, limit)
-        try:
-            if request.content.is_eof():  # all of it arrived with the head: nothing to wait for
-                raw = await request.read()
-            else:
-                async with asyncio.timeout(cfg.body_timeout_s):
-                    raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise payload_too_large(limit) from None
-        except TimeoutError:
-            raise body_timeout(cfg.body_timeout_s) from None
-        if len(raw) > limit:  # a chunked body has no Content-Length
-            raise payload_too_large(limit)
+        raw = await read_json_body(request, cfg.max_body_bytes, cfg.body_timeout_s)
         call.body = body = parse_json(raw)
         validate(body, call.endpoint, self.config.server)
 
@@ -342,10 +321,7 @@ class Proxy(SemanticPath):
         "bad" removes the served answer from L1, Redis and every sidecar's index, and counts
         as an error of the verifier at the probability it was served with."""
         try:
-            check_content_length(request.content_length, 4096)
-            raw = await request.read()
-            if len(raw) > 4096:
-                raise payload_too_large(4096)
+            raw = await read_json_body(request, 4096, self.config.server.body_timeout_s)
             body = parse_json(raw)
             if not isinstance(body, dict):
                 raise ProxyError(400, "expected a JSON object", code="invalid_request")
@@ -356,8 +332,11 @@ class Proxy(SemanticPath):
             if rating not in ("bad", "good"):
                 raise ProxyError(400, "rating: expected \"bad\" or \"good\"",
                                  param="rating", code="invalid_request")
-            rec = self.ledger.get(rid) if self.ledger is not None else None
-            if rec is None or rec.namespace != self.caller_namespace(request):
+            # keyed by the caller's namespace too: another tenant's id (or one it reused) is
+            # unknown here, and nobody can overwrite another tenant's record
+            namespace = self.caller_namespace(request)
+            rec = self.ledger.get(rid, namespace) if self.ledger is not None else None
+            if rec is None:
                 raise ProxyError(404, f"unknown or expired request_id {rid[:64]!r}",
                                  err_type="not_found_error", code="request_not_found")
         except ProxyError as err:
@@ -366,7 +345,7 @@ class Proxy(SemanticPath):
         removed = False
         if rating == "bad":
             assert self.ledger is not None
-            self.ledger.pop(rid)
+            self.ledger.pop(rid, namespace)
             removed = sum((await self.purge_key(rec.key, rec.namespace)).values()) > 0
             if rec.outcome == "hit-semantic" and self.semantic is not None:
                 self.semantic.bad_feedback(rec.namespace, rec.p, rec.vec)

@@ -44,6 +44,7 @@ import time
 import uuid
 from typing import Any
 
+import numpy as np
 import orjson
 from aiohttp import web
 
@@ -99,6 +100,7 @@ class MockVLLM:
         app.router.add_post("/faults", self.set_faults)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/embeddings", self.embeddings)
         return app
 
     @web.middleware
@@ -151,6 +153,32 @@ class MockVLLM:
         for i in range(self.reply_tokens - 1):
             words.append(_WORDS[(seed[i % len(seed)] + i * 7) % len(_WORDS)])
         return words
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        """vLLM's /v1/embeddings: a deterministic unit vector per input (``dimensions``,
+        default 384). The answer is written in 16 KiB pieces, as a large one arrives from a
+        real server: a relay must read to its end, not take what came first."""
+        body = await request.json()
+        texts = body.get("input")
+        texts = [texts] if isinstance(texts, str) else list(texts or [])
+        dims = int(body.get("dimensions") or 384)
+        data = []
+        for i, t in enumerate(texts):
+            rng = np.random.default_rng(int.from_bytes(
+                hashlib.blake2b(str(t).encode(), digest_size=8).digest(), "little"))
+            v = rng.standard_normal(dims)
+            data.append({"object": "embedding", "index": i,
+                         "embedding": (v / np.linalg.norm(v)).round(6).tolist()})
+        raw = orjson.dumps({"object": "list", "model": self.model, "data": data,
+                            "usage": {"prompt_tokens": len(texts), "total_tokens": len(texts)}})
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.content_length = len(raw)
+        await resp.prepare(request)
+        for i in range(0, len(raw), 16384):
+            await resp.write(raw[i:i + 16384])
+            await asyncio.sleep(0)
+        await resp.write_eof()
+        return resp
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         return await self._handle(request, "chat")

@@ -12,8 +12,9 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from proxy.errors import ProxyError, payload_too_large, upstream_timeout, upstream_unavailable
-from proxy.validate import check_content_length, parse_json
+from proxy.errors import ProxyError, upstream_timeout, upstream_unavailable
+from proxy.upstream import UpstreamFailure, read_limited
+from proxy.validate import parse_json, read_json_body
 
 if TYPE_CHECKING:
     from proxy.handlers import Proxy
@@ -48,15 +49,12 @@ async def _relay(proxy: Proxy, request: web.Request) -> web.Response:
     data: bytes | None = None
     model = "auto"
     if request.method == "POST":
-        limit = proxy.config.server.max_body_bytes
-        check_content_length(request.content_length, limit)
-        try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise payload_too_large(limit) from None
-        if len(raw) > limit:
-            raise payload_too_large(limit)
-        body = parse_json(raw)
+        cfg = proxy.config.server
+        # declared JSON (a cross-site page cannot send that without a preflight), bounded in
+        # bytes and in time, as on the completion endpoints
+        body = parse_json(await read_json_body(request, cfg.max_body_bytes, cfg.body_timeout_s))
+        if not isinstance(body, dict):
+            raise ProxyError(400, "expected a JSON object", code="invalid_request")
         if isinstance(body.get("model"), str) and body["model"]:
             model = body["model"]
         tier = proxy.tiers[proxy.resolve_tier(model)]
@@ -70,20 +68,22 @@ async def _relay(proxy: Proxy, request: web.Request) -> web.Response:
         raise upstream_unavailable(f"tier {tier.name}: no upstream available")
     headers = {"Content-Type": "application/json", **tier.auth_headers(
         request.headers.get("Authorization"))}
+    timeout = aiohttp.ClientTimeout(total=tier.cfg.total_timeout_s,
+                                    sock_connect=tier.cfg.connect_timeout_s)
     try:
-        async with tier.session.request(request.method, ep.url + request.path, data=data,
-                                        headers=headers,
-                                        timeout=aiohttp.ClientTimeout(
-                                            total=tier.cfg.total_timeout_s,
-                                            sock_connect=tier.cfg.connect_timeout_s)) as r:
-            if (r.content_length or 0) > MAX_ANSWER_BYTES:
-                raise upstream_unavailable(f"tier {tier.name}: answer too large")
-            answer = await r.content.read(MAX_ANSWER_BYTES + 1)
-            if len(answer) > MAX_ANSWER_BYTES:
-                raise upstream_unavailable(f"tier {tier.name}: answer too large")
+        # a concurrency slot of the tier, as a completion takes (429 past its queue): relayed
+        # answers are buffered whole, so how many are in flight must be bounded too
+        async with tier.slot(), tier.session.request(
+                request.method, ep.url + request.path, data=data, headers=headers,
+                allow_redirects=False, timeout=timeout) as r:
+            # the whole answer (content.read(n) returns what has arrived so far, which cut
+            # answers larger than one network read), never more than MAX_ANSWER_BYTES
+            answer = await read_limited(r, MAX_ANSWER_BYTES, tier.name)
             return web.Response(status=r.status, body=answer,
                                 content_type=r.content_type or "application/json",
                                 headers={"x-route-tier": tier.name})
+    except UpstreamFailure as exc:
+        raise exc.error from None
     except TimeoutError:
         raise upstream_timeout(f"tier {tier.name}: no answer in time") from None
     except (aiohttp.ClientError, OSError) as exc:

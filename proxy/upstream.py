@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any, Final
 
 import aiohttp
@@ -342,6 +342,16 @@ class TierClient:
         finally:
             with contextlib.suppress(ValueError):
                 self._waiters.remove(fut)
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """One of the tier's concurrency slots for a request made outside ``open`` (the
+        pass-through relay): waits in the same bounded queue, UpstreamFailure (429) past it."""
+        await self._admit()
+        try:
+            yield
+        finally:
+            self._leave()
 
     def _leave(self) -> None:
         """Give a slot back, directly to the first waiter if any."""

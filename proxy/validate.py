@@ -6,10 +6,12 @@ hits, and cost a few microseconds.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any, Final
 
 import orjson
+from aiohttp import web
 
 from proxy.config import ServerConfig
 from proxy.errors import ProxyError, bad_request, payload_too_large
@@ -225,5 +227,25 @@ def check_content_length(length: int | None, limit: int) -> None:
         raise payload_too_large(limit)
 
 
+async def read_json_body(request: web.Request, limit: int, timeout_s: float) -> bytes:
+    """The raw body of a JSON POST: declared JSON (415), at most ``limit`` bytes (413, also for
+    a chunked body that has no Content-Length), arrived within ``timeout_s`` (408)."""
+    check_content_type(request.headers.get("Content-Type"))
+    check_content_length(request.content_length, limit)
+    try:
+        if request.content.is_eof():  # all of it arrived with the head: nothing to wait for
+            raw = await request.read()
+        else:
+            async with asyncio.timeout(timeout_s):
+                raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise payload_too_large(limit) from None
+    except TimeoutError:
+        raise body_timeout(timeout_s) from None
+    if len(raw) > limit:
+        raise payload_too_large(limit)
+    return raw
+
+
 __all__ = ["ProxyError", "body_timeout", "check_content_length", "check_content_type",
-           "check_headers", "header_ok", "parse_json", "validate"]
+           "check_headers", "header_ok", "parse_json", "read_json_body", "validate"]

@@ -5,6 +5,7 @@ questions, and the hand-written adversarial pairs (through the proxy, real model
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from pathlib import Path
@@ -239,6 +240,32 @@ async def test_pair_memo_repeats_skip_the_cross_encoder(make_proxy, tiers) -> No
     assert count("miss") == 2 and count("hit") == 2
     assert outcomes[0] == outcomes[1] and outcomes[2] == outcomes[3]
     assert len(p.proxy.semantic._pair_memo) == 2
+
+
+async def test_a_reused_request_id_cannot_take_over_another_tenants_rating(make_proxy) -> None:
+    """x-request-id is the client's to choose: tenant B sending A's id gets its own record, and
+    A's bad rating still removes A's answer. Generated ids tell nothing of the request count."""
+    p = await make_proxy(tier_names=("small",))
+    q = [{"role": "user", "content": "What is the tallest mountain in Africa?"}]
+    a, b = p.client(api_key="sk-rid-a"), p.client(api_key="sk-rid-b")
+    ra = await a.chat.completions.with_raw_response.create(
+        model="auto", messages=q, extra_headers={"x-request-id": "shared-id-1"})
+    assert ra.headers["x-cache"] == "miss"
+    rb = await b.chat.completions.with_raw_response.create(
+        model="auto", messages=q, extra_headers={"x-request-id": "shared-id-1"})
+    assert rb.headers["x-cache"] == "miss"  # B's own entry (namespaces never share one)
+    status, out = await feedback(p.url, "shared-id-1", key="sk-rid-a")
+    assert status == 200 and out["removed"] is True
+    again = await a.chat.completions.with_raw_response.create(model="auto", messages=q)
+    assert again.headers["x-cache"] == "miss"  # A's answer is gone ...
+    kept = await b.chat.completions.with_raw_response.create(model="auto", messages=q)
+    assert kept.headers["x-cache"] == "hit-exact"  # ... and B's is not
+    ids = []
+    for _ in range(3):
+        r = await a.chat.completions.with_raw_response.create(model="auto", messages=q)
+        ids.append(r.headers["x-request-id"])
+    assert len(set(ids)) == 3 and len({i[:12] for i in ids}) == 3  # no shared prefix + counter
+    assert all(int(x, 16) - int(y, 16) not in (1, -1) for x, y in itertools.pairwise(ids))
 
 
 async def test_audit_disagreement_is_evidence(make_proxy, tiers) -> None:
