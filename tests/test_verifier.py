@@ -377,3 +377,28 @@ def test_question_form(a: str, b: str, same: bool) -> None:
     from proxy.semantic.features import question_form
 
     assert (question_form(a) == question_form(b)) is same
+
+
+def test_feature_memos_are_per_scope_and_bounded() -> None:
+    """The features of a text are memoised under the lookup's scope only: a text another scope
+    (tenant) had worked out is not found faster (no timing signal across tenants). Texts longer
+    than MEMO_MAX_CHARS are never memoised, so the memo's size does not follow what clients
+    send (a long text of capitalised words has features of ~190 KB)."""
+    from proxy.semantic import features as f
+
+    f._extract_memo.cache_clear()
+    f._question_form_memo.cache_clear()
+    text = "Who wrote the novel Moby Dick and when was it first published?"
+    a = f.extract(text, b"scope-a")
+    assert f._extract_memo.cache_info().misses == 1
+    assert f.extract(text, b"scope-a") is a and f._extract_memo.cache_info().hits == 1
+    b = f.extract(text, b"scope-b")  # another scope works it out again
+    assert b is not a and b == a and f._extract_memo.cache_info().misses == 2
+    assert f.question_form(text, b"scope-a") == f.question_form(text, b"scope-b")
+    assert f._question_form_memo.cache_info().misses == 2
+    long = " ".join(f"Name{i} Place{i}" for i in range(200))  # ~2,800 characters
+    assert len(long) > f.MEMO_MAX_CHARS
+    assert f.extract(long, b"scope-a") == f.extract(long, b"scope-a")
+    f.question_form(long, b"scope-a")
+    assert f._extract_memo.cache_info().currsize == 2
+    assert f._question_form_memo.cache_info().currsize == 2

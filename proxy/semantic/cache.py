@@ -234,11 +234,11 @@ class SemanticCache:
     def error_budget(self, namespace: str) -> float:
         return self.ns_budgets.get(namespace, self.cfg.max_error_rate)
 
-    def _score(self, query: str, cached: str, sim: float) -> float:
+    def _score(self, query: str, cached: str, sim: float, scope: bytes) -> float:
         """Pair verifier probability; runs in the pair-verifier thread, never on the loop."""
         assert self.pair is not None
         t0 = time.perf_counter()
-        p = self.pair.score(query, cached, sim)
+        p = self.pair.score(query, cached, sim, scope)
         self.metrics.semantic_verify_seconds.observe(time.perf_counter() - t0)
         return p
 
@@ -262,7 +262,7 @@ class SemanticCache:
                 return memo
             self.metrics.semantic_verify_memo.labels("miss").inc()
         p = await asyncio.get_running_loop().run_in_executor(
-            self._pair_pool, self._score, keys.query_text, cached, sim)
+            self._pair_pool, self._score, keys.query_text, cached, sim, keys.scope)
         if size > 0:
             self._pair_memo[key] = p
             while len(self._pair_memo) > size:
@@ -301,7 +301,7 @@ class SemanticCache:
             # learned interaction weights read both vectors; other verifiers ignore them
             cand_vec = self.index.vector(entry.key) if self.verifier.uses_vectors else None
             verdict = self.verifier.verify(keys.query_text, entry.query_text, sim, threshold,
-                                           query_vec=vec, cand_vec=cand_vec)
+                                           query_vec=vec, cand_vec=cand_vec, scope=keys.scope)
             if not verdict.ok:
                 self.metrics.semantic_rejects.labels(verdict.reason.split(":")[0][:32]).inc()
                 continue

@@ -312,8 +312,29 @@ def plural_base(word: str) -> str:
     return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
 
 
-@lru_cache(maxsize=16384)
-def question_form(text: str) -> str:
+#: Texts up to this many characters are memoised (per scope); longer ones are worked out each
+#: time, so the memos stay small whatever clients send (a 2,048-character text of capitalised
+#: words has ~190 KB of features).
+MEMO_MAX_CHARS: Final = 256
+#: Entries per memo. With texts of at most MEMO_MAX_CHARS: a few MB typically, tens at worst.
+MEMO_ENTRIES: Final = 8192
+
+
+def question_form(text: str, scope: bytes = b"") -> str:
+    """``_question_form``, memoised per ``scope`` (the semantic scope: tenant, model, context)
+    for short texts. Keyed by scope so that how fast a text's form is found never depends on
+    what another tenant asked."""
+    if len(text) > MEMO_MAX_CHARS:
+        return _question_form(text)
+    return _question_form_memo(scope, text)
+
+
+@lru_cache(maxsize=MEMO_ENTRIES)
+def _question_form_memo(scope: bytes, text: str) -> str:
+    return _question_form(text)
+
+
+def _question_form(text: str) -> str:
     """The question with its spelling variation taken out: lower case, no punctuation,
     contractions spelled out, articles and do/does dropped, plural "s" removed. Two texts of
     the same form ask the same question ("What's machine learning?" / "What is machine
@@ -362,13 +383,20 @@ def _unframe(toks: list[str]) -> list[str]:
     return toks
 
 
-def extract(text: str) -> TextFeatures:
-    """Extract the must-match features of one text (numbers, negation, names, ...)."""
-    return _extract_cached(text)
+def extract(text: str, scope: bytes = b"") -> TextFeatures:
+    """Extract the must-match features of one text (numbers, negation, names, ...); memoised
+    per ``scope`` for texts up to MEMO_MAX_CHARS (see ``question_form``)."""
+    if len(text) > MEMO_MAX_CHARS:
+        return _extract(text)
+    return _extract_memo(scope, text)
 
 
-@lru_cache(maxsize=16384)
-def _extract_cached(text: str) -> TextFeatures:
+@lru_cache(maxsize=MEMO_ENTRIES)
+def _extract_memo(scope: bytes, text: str) -> TextFeatures:
+    return _extract(text)
+
+
+def _extract(text: str) -> TextFeatures:
     # Each extractor first makes a cheap substring test and skips the regexes that cannot
     # match (most queries are plain words).
     quoted = _quoted(text)

@@ -109,13 +109,13 @@ class PairModel:
         z = self.fa * logit + self.fb * cosine + self.fc
         return 1.0 / (1.0 + math.exp(-max(min(z, 50.0), -50.0)))
 
-    def score(self, query: str, cached: str, cosine: float) -> float:
+    def score(self, query: str, cached: str, cosine: float, scope: bytes = b"") -> float:
         """fuse(logit(query, cached), cosine); 1.0 without running the model when the two are
         the same question spelled differently (``features.question_form``: "What's X?" /
         "What is X?", "How does a Y work?" / "How do Ys work?"). The cross-encoder scored
         such pairs 0.87-0.95, under the 1 % cut; on the evaluation split 2 of ~170 of them
         carry a different label, both label noise ("what is my pay" / "what's my pay")."""
-        if question_form(query) == question_form(cached):
+        if question_form(query, scope) == question_form(cached, scope):
             return 1.0
         return self.fuse(self.logit(query, cached), cosine)
 

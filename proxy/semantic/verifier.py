@@ -425,8 +425,12 @@ class Verifier:
         *,
         query_vec: np.ndarray | None = None,
         cand_vec: np.ndarray | None = None,
+        scope: bytes = b"",
     ) -> Verdict:
         """Return whether serving ``candidate``'s answer to ``query`` is safe, and why not.
+
+        ``scope``: the lookup's semantic scope, under which the texts' features are memoised
+        (``features.extract``).
 
         ``query_vec`` / ``cand_vec``: the two embeddings (384 floats, L2-normalised; float16 is
         fine) for interaction weights; ignored otherwise.
@@ -439,7 +443,7 @@ class Verifier:
             return Verdict(True, "", similarity)
         if query == candidate:
             return Verdict(True, "", 1.0 if model is not None else similarity)
-        q, c = extract(query), extract(candidate)
+        q, c = extract(query, scope), extract(candidate, scope)
         flags = guard_flags(q, c, first=model is None)
         if self._guards:
             for g in GUARDS:
