@@ -35,6 +35,8 @@ from proxy.validate import check_headers, parse_json, read_json_body, validate
 log = logging.getLogger(__name__)
 
 JSON: Final = "application/json"
+#: Characters of a long prompt's head and of its tail that the time-sensitive patterns read.
+TTL_SCAN_CHARS: Final = 4096
 SSE_HEADERS: Final = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                       "X-Accel-Buffering": "no"}
 _DONE: Final = b"data: [DONE]\n\n"
@@ -294,8 +296,16 @@ class Proxy(SemanticPath):
                                        self._ttl_for(call.keys.query_text))
 
     def _ttl_for(self, query: str) -> float | None:
-        """The short TTL of a time-sensitive question ("today", prices, weather), else None."""
-        if self.time_sensitive is not None and query and self.time_sensitive.search(query):
+        """The short TTL of a time-sensitive question ("today", prices, weather), else None.
+
+        A prompt longer than 2 x TTL_SCAN_CHARS is judged by its head and its tail (where a
+        long prompt's question is), not scanned whole on the loop: the patterns cost ~25 ns a
+        character, 10 ms for a 400k-character prompt, two or three times per miss."""
+        if self.time_sensitive is None or not query:
+            return None
+        if len(query) > 2 * TTL_SCAN_CHARS:
+            query = query[:TTL_SCAN_CHARS] + "\n" + query[-TTL_SCAN_CHARS:]
+        if self.time_sensitive.search(query):
             return self.config.semantic.time_sensitive_ttl_s
         return None
 

@@ -324,6 +324,10 @@ def test_time_sensitive_patterns(text: str, moment: bool) -> None:
     [
         ("What's the weather in Paris today?", True),
         ("What is the capital of France?", False),
+        # a long prompt is judged by its head and tail (TTL_SCAN_CHARS), where its question is
+        ("Some context. " * 1000 + "What's the weather in Paris today?", True),
+        ("What's the weather in Paris today? Context: " + "some context. " * 1000, True),
+        ("Some context. " * 1000 + "What is the capital of France?", False),
     ],
 )
 async def test_time_sensitive_questions_get_the_short_ttl(
