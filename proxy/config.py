@@ -176,6 +176,10 @@ class SemanticConfig:
     #: Skip the semantic lookup when the embedder's estimated wait for this query's vector (queue
     #: + its own embedding) is over this, rather than queue (0 = never skip).
     embed_deadline_s: float = 0.010
+    #: Skip the semantic lookup (a miss) when the pair verifier's estimated wait for this
+    #: candidate (verifications queued ahead x the recent time of one) is over this, rather
+    #: than queue behind other lookups (0 = never; at most 32 queued whatever the setting).
+    verify_deadline_s: float = 0.010
     #: Longest query (last user message, characters) the semantic layer embeds and stores;
     #: longer ones use the exact cache only. Bounds the query text kept per semantic entry.
     max_query_chars: int = 2048

@@ -275,6 +275,8 @@ def _check_semantic_embed(sem: SemanticConfig) -> None:
         raise ConfigError("semantic.speculative_delay_s: must be >= 0")
     if sem.embed_deadline_s < 0:
         raise ConfigError("semantic.embed_deadline_s: must be >= 0")
+    if sem.verify_deadline_s < 0:
+        raise ConfigError("semantic.verify_deadline_s: must be >= 0")
     if sem.embed_threads < 0:
         raise ConfigError("semantic.embed_threads: must be >= 0 (0: the cores available)")
     if not 0 <= sem.embed_nice <= 19:

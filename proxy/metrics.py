@@ -271,7 +271,8 @@ class Metrics:
             buckets=LATENCY_BUCKETS, registry=r)
         self.semantic_skipped = Counter("edge_proxy_semantic_skipped",
                                         "Semantic lookups shed: embedding over its deadline "
-                                        "(estimated) or its timeout (waited)", ["reason"],
+                                        "(estimated) or its timeout (waited), pair verifier "
+                                        "over its deadline", ["reason"],
                                         registry=r)
         self.semantic_verify_seconds = Histogram(
             "edge_proxy_semantic_verify_seconds",

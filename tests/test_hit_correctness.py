@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -240,6 +241,44 @@ async def test_pair_memo_repeats_skip_the_cross_encoder(make_proxy, tiers) -> No
     assert count("miss") == 2 and count("hit") == 2
     assert outcomes[0] == outcomes[1] and outcomes[2] == outcomes[3]
     assert len(p.proxy.semantic._pair_memo) == 2
+
+
+async def test_a_busy_verifier_sheds_lookups_instead_of_queueing(make_proxy) -> None:
+    """The pair verifier is one thread. While it is held, lookups that would wait past the
+    deadline behind those queued are shed (a miss, counted), so a flood of candidates cannot
+    queue every other lookup behind it; the queued ones are decided once it is free."""
+    p = await make_proxy(tier_names=("small",), semantic={"verify_deadline_s": 0.005})
+    sem = p.proxy.semantic
+    c = p.client(api_key="sk-busy")
+    await c.chat.completions.create(
+        model="auto", messages=[{"role": "user", "content": "How do I reset my password?"}])
+    # a wording the cross-encoder decides (the same question form would need no model run),
+    # so the verifier knows how long one run takes
+    await c.chat.completions.create(model="auto", messages=[
+        {"role": "user", "content": "What should I do to reset my password?"}])
+    assert sem._pair_service_s > 0.0005
+    skipped = p.proxy.metrics.semantic_skipped.labels("verify_deadline")
+    before = skipped._value.get()
+    gate = threading.Event()
+    sem._pair_pool.submit(gate.wait, 30)  # the verifier thread is busy until the gate opens
+    words = ["please", "quickly", "today's way", "again", "now", "right away", "exactly",
+             "safely"]
+    asks = [asyncio.ensure_future(c.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user",
+                                 "content": f"How can I reset my password {w}?"}]))
+        for w in words]
+    for _ in range(200):
+        if skipped._value.get() > before:
+            break
+        await asyncio.sleep(0.01)
+    shed = skipped._value.get() - before
+    assert 0 < shed < len(words)
+    assert 0 < sem._pair_pending * sem._pair_service_s <= 0.005 + sem._pair_service_s
+    gate.set()
+    done = await asyncio.gather(*asks)
+    assert all(r.http_response.status_code == 200 for r in done)
+    assert sum(r.headers["x-cache"] == "miss" for r in done) >= shed
+    assert sem._pair_pending == 0
 
 
 async def test_a_reused_request_id_cannot_take_over_another_tenants_rating(make_proxy) -> None:

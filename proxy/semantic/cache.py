@@ -32,7 +32,7 @@ from proxy.exact import ExactCache
 from proxy.keys import RequestKeys
 from proxy.metrics import Metrics
 from proxy.semantic.budget import BudgetController
-from proxy.semantic.embedder import Embedder
+from proxy.semantic.embedder import EWMA_ALPHA, Embedder
 from proxy.semantic.index import DEFAULT_DTYPE, SemanticEntry, SemanticIndex
 from proxy.semantic.snapshot import SnapshotError, write_snapshot
 from proxy.semantic.verifier import Verifier
@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 
 #: Seconds between sweeps of expired semantic entries.
 EXPIRE_EVERY_S: Final = 60.0
+#: Pair verifications queued or running at most; past it a lookup is shed (each holds a few ms
+#: of the verifier thread, so the deadline sheds long before this in production).
+VERIFY_MAX_PENDING: Final = 32
 
 
 class SemanticHit:
@@ -100,6 +103,11 @@ class SemanticCache:
                                            default_budget=cfg.max_error_rate)
         self.ns_budgets = namespace_error_rates(cfg)
         self._pair_pool = ThreadPoolExecutor(1, thread_name_prefix="pair-verifier")
+        # verifications queued or running in that thread, and the moving average of one (s):
+        # a lookup whose verification would start after verify_deadline_s is shed, as an
+        # embedding is, and the queue never holds more than VERIFY_MAX_PENDING
+        self._pair_pending = 0
+        self._pair_service_s = 0.0
         # p per (scope, query, cached) digest: a repeated wording skips the cross-encoder.
         # Loop-only; the scope is in the key so one tenant's pairs never time another's.
         self._pair_memo: OrderedDict[bytes, float] = OrderedDict()
@@ -236,16 +244,35 @@ class SemanticCache:
 
     def _score(self, query: str, cached: str, sim: float, scope: bytes) -> float:
         """Pair verifier probability; runs in the pair-verifier thread, never on the loop."""
-        assert self.pair is not None
+        pair = self.pair
+        assert pair is not None
         t0 = time.perf_counter()
-        p = self.pair.score(query, cached, sim, scope)
-        self.metrics.semantic_verify_seconds.observe(time.perf_counter() - t0)
+        if pair.same_form(query, cached, scope):  # as pair.score: 1.0 without the model
+            self.metrics.semantic_verify_seconds.observe(time.perf_counter() - t0)
+            return 1.0
+        p = pair.fuse(pair.logit(query, cached), sim)
+        dt = time.perf_counter() - t0
+        self.metrics.semantic_verify_seconds.observe(dt)
+        # the time of a model run (a float store is atomic; the loop reads it in
+        # verify_would_wait): what a queued verification is expected to hold the thread
+        self._pair_service_s = dt if self._pair_service_s == 0.0 else (
+            (1 - EWMA_ALPHA) * self._pair_service_s + EWMA_ALPHA * dt)
         return p
 
-    async def _pair_p(self, keys: RequestKeys, cached: str, sim: float) -> float:
-        """The pair verifier's probability: from the memo, else scored in its worker thread.
-        The same texts give the same vectors, cosine and logit, so the memo changes no
-        decision; the budget's cut is still applied to ``p`` on every lookup."""
+    def verify_would_wait(self) -> bool:
+        """Would a new verification wait past ``verify_deadline_s`` behind those queued (or the
+        queue be at VERIFY_MAX_PENDING)? Then the lookup is shed (counted), not queued: one
+        tenant's flood of candidates must not hold every other tenant's lookups."""
+        if self._pair_pending >= VERIFY_MAX_PENDING:
+            return True
+        deadline = self.cfg.verify_deadline_s
+        return deadline > 0 and self._pair_pending * self._pair_service_s > deadline
+
+    async def _pair_p(self, keys: RequestKeys, cached: str, sim: float) -> float | None:
+        """The pair verifier's probability: from the memo, else scored in its worker thread;
+        None when the verifier is too busy (``verify_would_wait``). The same texts give the
+        same vectors, cosine and logit, so the memo changes no decision; the budget's cut is
+        still applied to ``p`` on every lookup."""
         size = self.cfg.verify_memo_entries
         key = b""
         if size > 0:
@@ -261,8 +288,15 @@ class SemanticCache:
                 self.metrics.semantic_verify_memo.labels("hit").inc()
                 return memo
             self.metrics.semantic_verify_memo.labels("miss").inc()
-        p = await asyncio.get_running_loop().run_in_executor(
-            self._pair_pool, self._score, keys.query_text, cached, sim, keys.scope)
+        if self.verify_would_wait():
+            self.metrics.semantic_skipped.labels("verify_deadline").inc()
+            return None
+        self._pair_pending += 1
+        try:
+            p = await asyncio.get_running_loop().run_in_executor(
+                self._pair_pool, self._score, keys.query_text, cached, sim, keys.scope)
+        finally:
+            self._pair_pending -= 1
         if size > 0:
             self._pair_memo[key] = p
             while len(self._pair_memo) > size:
@@ -310,7 +344,10 @@ class SemanticCache:
                 if scored >= self.cfg.verify_max_candidates:
                     break
                 scored += 1
-                p = await self._pair_p(keys, entry.query_text, sim)
+                p_or_none = await self._pair_p(keys, entry.query_text, sim)
+                if p_or_none is None:
+                    return None  # shed: the verifier's queue is past its deadline
+                p = p_or_none
                 vec_c = cand_vec if cand_vec is not None else self.index.vector(entry.key)
                 if not self.budget.allow(namespace, p, vec_c, self.error_budget(namespace)):
                     self.metrics.semantic_rejects.labels("pair_verifier").inc()

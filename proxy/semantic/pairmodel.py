@@ -115,9 +115,13 @@ class PairModel:
         "What is X?", "How does a Y work?" / "How do Ys work?"). The cross-encoder scored
         such pairs 0.87-0.95, under the 1 % cut; on the evaluation split 2 of ~170 of them
         carry a different label, both label noise ("what is my pay" / "what's my pay")."""
-        if question_form(query, scope) == question_form(cached, scope):
+        if self.same_form(query, cached, scope):
             return 1.0
         return self.fuse(self.logit(query, cached), cosine)
+
+    def same_form(self, query: str, cached: str, scope: bytes = b"") -> bool:
+        """The same question spelled differently (``score`` is 1.0 without the model)."""
+        return question_form(query, scope) == question_form(cached, scope)
 
     def cut(self, max_error_rate: float) -> float:
         """Probability cut for an error budget: the calibrated cut of the largest tabulated
