@@ -289,10 +289,12 @@ class Metrics:
                                          registry=r)
         self.semantic_error_estimate = Gauge(
             "edge_proxy_semantic_error_rate_estimate",
-            "Estimated share of wrong semantic hits per namespace (calibration + evidence)",
+            "Estimated share of wrong semantic hits (calibration + evidence), per tenant: the "
+            "worst of its namespaces",
             ["namespace"], registry=r)
         self.semantic_cut = Gauge("edge_proxy_semantic_cut",
-                                  "Pair-verifier probability a hit needs, per namespace",
+                                  "Pair-verifier probability a hit needs, per tenant: the "
+                                  "strictest of its namespaces",
                                   ["namespace"], registry=r)
         self.route_decisions = Counter("edge_proxy_route_decisions",
                                        "Routed requests by chosen tier", ["tier"], registry=r)

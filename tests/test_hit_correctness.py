@@ -398,3 +398,21 @@ async def test_time_sensitive_questions_get_the_short_ttl(
         assert 0 < ttl <= 30 and left_l1 <= 30
     else:
         assert ttl > 30 and left_l1 > 30
+
+
+def test_budget_evidence_of_an_active_namespace_survives_a_flood() -> None:
+    """Past max_namespaces the least recently used evidence goes: a caller making up
+    namespaces cannot push out an active namespace's raised cut."""
+    curve = [(c / 100, max(0.0, 0.05 - c / 2000)) for c in range(50, 100)]
+    ctl = BudgetController(curve, base_cut=lambda e: 0.9, max_namespaces=100)
+    for _ in range(20):
+        ctl.observe("key:victim", 0.95, True)
+    raised = ctl.cut("key:victim")
+    assert raised > 0.9
+    for i in range(500):
+        ctl.cut(f"key:attacker/{i}")
+        if i % 50 == 0:
+            ctl.cut("key:victim")  # the victim keeps serving now and then
+    assert ctl.cut("key:victim") == raised and len(ctl._ns) == 100
+    snap = ctl.snapshot(10)
+    assert len(snap) == 10 and next(iter(snap)) == "key:victim"  # newest first

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -70,14 +70,20 @@ class BudgetController:
         self.max_observations = max_observations
         self.neighbourhood = neighbourhood
         self.max_namespaces = max_namespaces
-        self._ns: dict[str, NamespaceEvidence] = {}
+        self._ns: OrderedDict[str, NamespaceEvidence] = OrderedDict()
 
     def _state(self, ns: str) -> NamespaceEvidence:
-        st = self._ns.get(ns)
+        """The namespace's evidence, most recently used last. Bounded: past max_namespaces the
+        least recently used one is forgotten, so a caller making up namespaces can push out
+        only evidence nobody has used since, never an active namespace's raised cut."""
+        d = self._ns
+        st = d.get(ns)
         if st is None:
-            if len(self._ns) >= self.max_namespaces:  # bounded: forget the oldest namespace
-                self._ns.pop(next(iter(self._ns)))
-            st = self._ns[ns] = NamespaceEvidence()
+            if len(d) >= self.max_namespaces:
+                d.popitem(last=False)
+            st = d[ns] = NamespaceEvidence()
+        else:
+            d.move_to_end(ns)
         return st
 
     def _observed(self, st: NamespaceEvidence, i: int) -> tuple[int, int]:
@@ -113,7 +119,9 @@ class BudgetController:
         hits lowers it below the calibrated cut only as far as the upper bound allows (a few
         lucky audits must not spend the budget: the replay of banking77 drifted to 2.5 %
         realised error on the mean alone)."""
-        st = self._state(ns)
+        return self._cut(self._state(ns), budget)
+
+    def _cut(self, st: NamespaceEvidence, budget: float | None) -> float:
         if st.cut is None:
             e = self.default_budget if budget is None else budget
             base = self.base_cut(e) if self.base_cut is not None else None
@@ -168,11 +176,13 @@ class BudgetController:
     def served(self, ns: str) -> None:
         self._state(ns).served += 1
 
-    def snapshot(self) -> dict[str, dict[str, float | int]]:
-        """Per namespace: cut, estimated error at it, audits, audit errors, bad ratings."""
+    def snapshot(self, limit: int | None = None) -> dict[str, dict[str, float | int]]:
+        """Per namespace (the ``limit`` most recently used, newest first; all by default): cut,
+        estimated error at it, audits, audit errors, bad ratings."""
         out: dict[str, dict[str, float | int]] = {}
-        for ns, st in self._ns.items():
-            cut = self.cut(ns)
+        items = list(self._ns.items())
+        for ns, st in reversed(items if limit is None else items[-limit:]):
+            cut = self._cut(st, None)
             i = min(bisect.bisect_left(self.grid, cut), len(self.grid) - 1)
             out[ns] = {
                 "cut": round(cut, 5),

@@ -108,6 +108,7 @@ class SemanticCache:
         # embedding is, and the queue never holds more than VERIFY_MAX_PENDING
         self._pair_pending = 0
         self._pair_service_s = 0.0
+        self._budget_labels: set[str] = set()  # label values of the error-budget gauges
         # p per (scope, query, cached) digest: a repeated wording skips the cross-encoder.
         # Loop-only; the scope is in the key so one tenant's pairs never time another's.
         self._pair_memo: OrderedDict[bytes, float] = OrderedDict()
@@ -313,9 +314,10 @@ class SemanticCache:
         if self.budget is not None:
             self.budget.bad_feedback(namespace, p, vec)
 
-    def budget_stats(self) -> dict[str, dict[str, float | int]]:
-        """Per namespace: cut, estimated error rate, audits, disagreements, bad ratings."""
-        return {} if self.budget is None else self.budget.snapshot()
+    def budget_stats(self, limit: int | None = None) -> dict[str, dict[str, float | int]]:
+        """Per namespace (the ``limit`` most recently used): cut, estimated error rate, audits,
+        disagreements, bad ratings."""
+        return {} if self.budget is None else self.budget.snapshot(limit)
 
     async def lookup(self, vec: np.ndarray, keys: RequestKeys, tier: str, max_tokens: int | None,
                      threshold: float, namespace: str = "") -> SemanticHit | None:
@@ -396,7 +398,7 @@ class SemanticCache:
                 # from the calibration curve plus this deployment's audits and bad ratings
                 "pair_verifier": self.pair is not None,
                 "max_error_rate": self.cfg.max_error_rate,
-                "error_budget": self.budget_stats()}
+                "error_budget": self.budget_stats(1000)}
 
     # -- the shared stream's target (shared.StreamTarget) -----------------------------------
     @property
@@ -421,7 +423,18 @@ class SemanticCache:
     def update_gauges(self) -> None:
         self.metrics.cache_entries.labels("semantic").set(len(self.index))
         self.metrics.cache_bytes.labels("semantic").set(self.index.memory_bytes())
-        for ns, st in list(self.budget_stats().items())[:100]:  # bounded label set
-            self.metrics.semantic_error_estimate.labels(ns).set(st["estimated_error_rate"])
-            self.metrics.semantic_cut.labels(ns).set(st["cut"])
+        # per tenant label (metrics.ns_label: bounded, "other" past it), the worst of its
+        # namespaces among the 1,000 most recently used; series of labels gone are removed
+        worst: dict[str, tuple[float, float]] = {}
+        for ns, st in self.budget_stats(1000).items():
+            label = self.metrics.ns_label(ns)
+            e, c = worst.get(label, (0.0, 0.0))
+            worst[label] = (max(e, float(st["estimated_error_rate"])), max(c, float(st["cut"])))
+        for label, (e, c) in worst.items():
+            self.metrics.semantic_error_estimate.labels(label).set(e)
+            self.metrics.semantic_cut.labels(label).set(c)
+        for label in self._budget_labels - worst.keys():
+            self.metrics.semantic_error_estimate.remove(label)
+            self.metrics.semantic_cut.remove(label)
+        self._budget_labels = set(worst)
         self.metrics.cache_capacity_entries.labels("semantic").set(self.cfg.capacity)
