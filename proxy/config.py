@@ -204,6 +204,10 @@ class SemanticConfig:
     speculative_delay_s: float = 0.0
     #: Entries in the semantic index.
     capacity: int = 100_000
+    #: Bytes of query texts and keys the index keeps (Python objects); past it the oldest
+    #: entries go, as past ``capacity``. Typical questions take ~160 B, so this binds only
+    #: when clients send long or astral-plane texts (up to ~8 KB each at max_query_chars).
+    max_text_bytes: int = 100 * 1024 * 1024
     ttl_s: float = 86_400.0
     #: Scopes up to this many entries are scored by brute force; larger ones by ANN.
     brute_force_max: int = 256

@@ -275,6 +275,8 @@ def _check_semantic_embed(sem: SemanticConfig) -> None:
         raise ConfigError("semantic.speculative_delay_s: must be >= 0")
     if sem.embed_deadline_s < 0:
         raise ConfigError("semantic.embed_deadline_s: must be >= 0")
+    if sem.max_text_bytes < 64 * 1024:
+        raise ConfigError("semantic.max_text_bytes: must be >= 65536")
     if sem.verify_deadline_s < 0:
         raise ConfigError("semantic.verify_deadline_s: must be >= 0")
     if sem.embed_threads < 0:

@@ -135,6 +135,30 @@ def test_capacity_evicts_oldest_first():
     assert idx.remove(b"k0") and len(idx) == 4
 
 
+def test_text_bytes_bound_evicts_oldest_first():
+    """Long astral-plane texts (4 bytes a character in a Python str) fill the byte bound long
+    before the entry capacity: the oldest entries go, and the bound holds, one by one and in
+    batches."""
+    rng = np.random.default_rng(5)
+    bound = 200_000
+    idx = SemanticIndex(DIM, capacity=1000, max_text_bytes=bound)
+    v = unit(rng, 120)
+    long_text = "\U0001f600" * 2048  # ~8 KiB as a str
+    for i in range(60):
+        e = entry(f"k{i}")
+        idx.add(v[i], SemanticEntry(e.key, e.scope, e.namespace, long_text + str(i), e.tier,
+                                    e.max_tokens, e.created, e.expires))
+        assert idx._slots.obj_bytes <= bound
+    assert 20 <= len(idx) <= 25 and idx.evictions == 60 - len(idx)
+    assert not idx.remove(b"k0") and idx.remove(b"k59")  # the oldest went, the newest stayed
+    es = [entry(f"b{i}") for i in range(60)]
+    idx.add_many(v[60:], [SemanticEntry(e.key, e.scope, e.namespace, long_text + str(i), e.tier,
+                                        e.max_tokens, e.created, e.expires)
+                          for i, e in enumerate(es)])
+    assert idx._slots.obj_bytes <= bound and idx.remove(b"b59") and not idx.remove(b"b0")
+    assert len(idx) < 30
+
+
 def test_replace_same_key():
     rng = np.random.default_rng(4)
     idx = SemanticIndex(DIM)

@@ -83,7 +83,8 @@ class SemanticCache:
                                  workers=cfg.embed_threads or None,
                                  priority=cfg.embed_priority, nice=cfg.embed_nice)
         self.index = SemanticIndex(capacity=cfg.capacity, ttl_s=cfg.ttl_s,
-                                   brute_force_max=cfg.brute_force_max)
+                                   brute_force_max=cfg.brute_force_max,
+                                   max_text_bytes=cfg.max_text_bytes)
         self.verifier = Verifier(guards=cfg.guards, weights_path=cfg.verifier_weights or None)
         self.ns_thresholds = namespace_thresholds(cfg)
         # the learned pair verifier and the error budget (issue 13)

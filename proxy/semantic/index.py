@@ -38,7 +38,7 @@ from proxy.semantic.scope import (
     Scope,
     ScopeParams,
 )
-from proxy.semantic.slots import COLUMN_BYTES, NO_MAX_TOKENS, Slots
+from proxy.semantic.slots import COLUMN_BYTES, NO_MAX_TOKENS, Slots, obj_size
 from proxy.semantic.snapshot import SnapshotData, SnapshotError, read_snapshot, write_snapshot
 
 __all__ = ["EVICT_BATCH_DIVISOR", "SemanticEntry", "SemanticIndex"]
@@ -86,6 +86,7 @@ class SemanticIndex:
         expansion_add: int | None = None,
         expansion_search: int | None = None,
         build_threads: int = 0,
+        max_text_bytes: int | None = None,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
@@ -93,6 +94,8 @@ class SemanticIndex:
             raise ValueError("dim, capacity, ttl_s, brute_force_max, ann_candidates must be > 0")
         self.dim = dim
         self.capacity = capacity
+        #: bound on the key + text objects' bytes (Slots.obj_bytes); None = entries only
+        self.max_text_bytes = max_text_bytes
         self.ttl_s = float(ttl_s)
         self.brute_force_max = brute_force_max
         self.ann_candidates = ann_candidates
@@ -138,6 +141,10 @@ class SemanticIndex:
         if len(self._slots) >= self.capacity:
             # a batch, not one: see EVICT_BATCH_DIVISOR
             for _ in range(min(self._evict_batch, len(self._slots))):
+                self._evict_oldest()
+        if self.max_text_bytes is not None:
+            need = obj_size(entry.key) + obj_size(entry.query_text)
+            while len(self._slots) and self._slots.obj_bytes + need > self.max_text_bytes:
                 self._evict_oldest()
         sc = self._scope_for(entry.scope, entry.namespace)
         sid = self._slots.new(entry.key, entry.query_text, tier, entry.max_tokens, entry.created,
@@ -437,6 +444,9 @@ class SemanticIndex:
         s.tier[sids] = tier_map[data.tier_idx[order]]
         self._insert_vectors(sids, sc_nums[scope_idx], vecs[order])
         self.adds += len(order)
+        if self.max_text_bytes is not None:  # the batch is the newest: the oldest go first
+            while len(self._slots) > 1 and self._slots.obj_bytes > self.max_text_bytes:
+                self._evict_oldest()
 
     def _prepare_rows(self, vectors: np.ndarray, n: int) -> np.ndarray:
         vecs = np.ascontiguousarray(vectors, dtype=np.float32).reshape(n, -1)
