@@ -171,6 +171,7 @@ async def make_proxy(tiers: dict[str, Tier]) -> AsyncIterator[Any]:
         # tests wait for their vectors unless they set the deadline themselves
         sem = sections.setdefault("semantic", {})
         sem.setdefault("embed_deadline_s", 0.0)
+        sem.setdefault("verify_deadline_s", 0.0)  # the same for the pair verifier's queue
         sem.setdefault("embed_timeout_s", 10.0)
         # many tests count the upstream calls a hit saves; speculative misses (an upstream call
         # beside the lookup, cancelled on a hit) are tested in test_speculative.py
