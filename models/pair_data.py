@@ -139,6 +139,7 @@ def mine_intent_pairs(
     rng: np.random.Generator,
     max_queries: int,
     sparse_per_intent: int = 0,
+    sparse_draws: int = 1,
 ) -> list[tuple[str, str, int, str]]:
     """Per utterance: a same-intent positive (its nearest or a random one) and the nearest
     utterance of another intent (hard negative). Out-of-scope utterances get negatives only.
@@ -147,7 +148,9 @@ def mine_intent_pairs(
     and its nearest entry in a random cache of that many utterances per intent (drawn anew for
     every block of 512 queries), labelled by whether the intents match. That is the candidate
     the evaluation's sparse cache hands the verifier, where the nearest is often another
-    intent's or a same-intent utterance worded quite differently."""
+    intent's or a same-intent utterance worded quite differently. ``sparse_draws`` caches are
+    drawn per block (a pair met twice is kept once), so each utterance meets up to that many
+    different nearest entries."""
     n = len(u.texts)
     labels = np.array(u.labels)
     oos = np.array(u.oos)
@@ -157,10 +160,14 @@ def mine_intent_pairs(
         idx = order[start : start + 512]
         sims = vecs[idx] @ vecs.T
         sims[np.arange(len(idx)), idx] = -2.0
-        if sparse_per_intent:
+        seen: set[tuple[int, int]] = set()
+        for _ in range(sparse_draws if sparse_per_intent else 0):
             cached = sparse_cache_mask(labels, oos, sparse_per_intent, rng)
             for row, i in zip(np.where(cached, sims, -2.0), idx, strict=True):
                 j = int(np.argmax(row))
+                if (int(i), j) in seen:
+                    continue
+                seen.add((int(i), j))
                 y = int(labels[j] == labels[i] and not oos[i])
                 out.append((u.texts[i], u.texts[j], y, "intent-sparse"))
         for row, i in zip(sims, idx, strict=True):

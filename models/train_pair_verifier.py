@@ -75,7 +75,7 @@ def make_pairs(args: argparse.Namespace) -> None:
         u = pdata.load_intent(name, "train")
         vecs = embed_texts(u.texts)
         mined = pdata.mine_intent_pairs(
-            u, vecs, rng, args.intent_queries, args.sparse_per_intent
+            u, vecs, rng, args.intent_queries, args.sparse_per_intent, args.sparse_draws
         )
         pairs += [(a, b, y, f"{name}-{k}") for a, b, y, k in mined]
         real_texts += u.texts
@@ -538,6 +538,10 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument(
         "--sparse-per-intent", type=int, default=10,
         help="also pair each query with its nearest entry of a random cache of N per intent",
+    )
+    d.add_argument(
+        "--sparse-draws", type=int, default=1,
+        help="random sparse caches drawn per block of queries (pairs per utterance, at most)",
     )
     d.add_argument("--synth-per-kind", type=int, default=2500)
     d.add_argument("--synth-pos", type=int, default=6000)
