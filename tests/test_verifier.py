@@ -386,19 +386,19 @@ def test_feature_memos_are_per_scope_and_bounded() -> None:
     send (a long text of capitalised words has features of ~190 KB)."""
     from proxy.semantic import features as f
 
-    f._extract_memo.cache_clear()
-    f._question_form_memo.cache_clear()
+    f.extract.memo.cache_clear()
+    f.question_form.memo.cache_clear()
     text = "Who wrote the novel Moby Dick and when was it first published?"
     a = f.extract(text, b"scope-a")
-    assert f._extract_memo.cache_info().misses == 1
-    assert f.extract(text, b"scope-a") is a and f._extract_memo.cache_info().hits == 1
+    assert f.extract.memo.cache_info().misses == 1
+    assert f.extract(text, b"scope-a") is a and f.extract.memo.cache_info().hits == 1
     b = f.extract(text, b"scope-b")  # another scope works it out again
-    assert b is not a and b == a and f._extract_memo.cache_info().misses == 2
+    assert b is not a and b == a and f.extract.memo.cache_info().misses == 2
     assert f.question_form(text, b"scope-a") == f.question_form(text, b"scope-b")
-    assert f._question_form_memo.cache_info().misses == 2
+    assert f.question_form.memo.cache_info().misses == 2
     long = " ".join(f"Name{i} Place{i}" for i in range(200))  # ~2,800 characters
     assert len(long) > f.MEMO_MAX_CHARS
     assert f.extract(long, b"scope-a") == f.extract(long, b"scope-a")
     f.question_form(long, b"scope-a")
-    assert f._extract_memo.cache_info().currsize == 2
-    assert f._question_form_memo.cache_info().currsize == 2
+    assert f.extract.memo.cache_info().currsize == 2
+    assert f.question_form.memo.cache_info().currsize == 2

@@ -252,7 +252,7 @@ class SemanticCache:
         if pair.same_form(query, cached, scope):  # as pair.score: 1.0 without the model
             self.metrics.semantic_verify_seconds.observe(time.perf_counter() - t0)
             return 1.0
-        p = pair.fuse(pair.logit(query, cached), sim)
+        p = pair.model_score(query, cached, sim)
         dt = time.perf_counter() - t0
         self.metrics.semantic_verify_seconds.observe(dt)
         # the time of a model run (a float store is atomic; the loop reads it in

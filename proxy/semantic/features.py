@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
-from typing import Final
+from typing import Final, Generic, TypeVar
 
 __all__ = ["OPPOSITES", "TextFeatures", "extract", "load_pairs", "load_words", "stem"]
 
@@ -319,19 +320,26 @@ MEMO_MAX_CHARS: Final = 256
 #: Entries per memo. With texts of at most MEMO_MAX_CHARS: a few MB typically, tens at worst.
 MEMO_ENTRIES: Final = 8192
 
-
-def question_form(text: str, scope: bytes = b"") -> str:
-    """``_question_form``, memoised per ``scope`` (the semantic scope: tenant, model, context)
-    for short texts. Keyed by scope so that how fast a text's form is found never depends on
-    what another tenant asked."""
-    if len(text) > MEMO_MAX_CHARS:
-        return _question_form(text)
-    return _question_form_memo(scope, text)
+T = TypeVar("T")
 
 
-@lru_cache(maxsize=MEMO_ENTRIES)
-def _question_form_memo(scope: bytes, text: str) -> str:
-    return _question_form(text)
+class ScopedMemo(Generic[T]):
+    """``fn(text)``, memoised per ``scope`` (the semantic scope: tenant, model, context) for
+    texts up to MEMO_MAX_CHARS, worked out each time for longer ones. Keyed by scope so that
+    how fast a text is worked out never depends on what another tenant asked."""
+
+    def __init__(self, fn: Callable[[str], T]) -> None:
+        self.fn = fn
+        self.memo = lru_cache(maxsize=MEMO_ENTRIES)(self._memo)
+        self.__doc__ = fn.__doc__
+
+    def _memo(self, scope: bytes, text: str) -> T:
+        return self.fn(text)
+
+    def __call__(self, text: str, scope: bytes = b"") -> T:
+        if len(text) > MEMO_MAX_CHARS:
+            return self.fn(text)
+        return self.memo(scope, text)
 
 
 def _question_form(text: str) -> str:
@@ -362,6 +370,9 @@ def _question_form(text: str) -> str:
     return " ".join(out) + ("\x1f" + symbols if symbols else "")
 
 
+question_form = ScopedMemo(_question_form)
+
+
 def _unframe(toks: list[str]) -> list[str]:
     """Take the request frame off a question form: "can you explain what inflation is" ->
     "what is inflation"; "how can i / how i (do dropped) / how one X" -> "how to X". Only a
@@ -383,20 +394,8 @@ def _unframe(toks: list[str]) -> list[str]:
     return toks
 
 
-def extract(text: str, scope: bytes = b"") -> TextFeatures:
-    """Extract the must-match features of one text (numbers, negation, names, ...); memoised
-    per ``scope`` for texts up to MEMO_MAX_CHARS (see ``question_form``)."""
-    if len(text) > MEMO_MAX_CHARS:
-        return _extract(text)
-    return _extract_memo(scope, text)
-
-
-@lru_cache(maxsize=MEMO_ENTRIES)
-def _extract_memo(scope: bytes, text: str) -> TextFeatures:
-    return _extract(text)
-
-
 def _extract(text: str) -> TextFeatures:
+    """Extract the must-match features of one text (numbers, negation, names, ...)."""
     # Each extractor first makes a cheap substring test and skips the regexes that cannot
     # match (most queries are plain words).
     quoted = _quoted(text)
@@ -428,6 +427,9 @@ def _extract(text: str) -> TextFeatures:
         joined=joined,
         ordered=_ordered_triples(words) if len(words) <= _ORDER_MAX_TOKENS else frozenset(),
     )
+
+
+extract = ScopedMemo(_extract)
 
 
 def _quoted(text: str) -> frozenset[str]:

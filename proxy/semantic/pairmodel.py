@@ -117,6 +117,10 @@ class PairModel:
         carry a different label, both label noise ("what is my pay" / "what's my pay")."""
         if self.same_form(query, cached, scope):
             return 1.0
+        return self.model_score(query, cached, cosine)
+
+    def model_score(self, query: str, cached: str, cosine: float) -> float:
+        """fuse(logit(query, cached), cosine): one cross-encoder run."""
         return self.fuse(self.logit(query, cached), cosine)
 
     def same_form(self, query: str, cached: str, scope: bytes = b"") -> bool:
