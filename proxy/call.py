@@ -34,6 +34,11 @@ def request_id(request: web.Request) -> str:
     rid = request.headers.get("x-request-id")
     if rid and header_ok(rid, 128):
         return rid  # (a bad one also gets a 400: check_headers)
+    return new_request_id()
+
+
+def new_request_id() -> str:
+    """A fresh id: a keyed hash of this process's counter."""
     n = next(_rid_counter).to_bytes(8, "little")
     return hashlib.blake2b(n, digest_size=12, key=_RID_KEY).hexdigest()
 
@@ -55,16 +60,30 @@ class Call:
 
     __slots__ = ("body", "cost_usd", "endpoint", "flight_key", "include_usage", "indexed",
                  "joined", "keys", "lookup", "max_tokens", "model", "namespace", "outcome",
-                 "request", "request_id", "route_score", "routed", "sampled", "saved_usd",
+                 "raw", "request", "request_id", "route_score", "routed", "sampled", "saved_usd",
                  "similarity", "store", "stored_tier", "stream", "t0", "tier", "ttfb", "usage",
                  "vec")
 
     def __init__(self, request: web.Request, endpoint: str, t0: float) -> None:
         self.request = request
+        self.request_id = request_id(request)
+        self._start(endpoint, t0)
+
+    @classmethod
+    def replayed(cls, endpoint: str, t0: float, rid: str) -> Call:
+        """A call answered by the exact-hit fast path (proxy/fastpath.py): no aiohttp request
+        object exists for it."""
+        call = cls.__new__(cls)
+        call.request = None  # type: ignore[assignment]
+        call.request_id = rid
+        call._start(endpoint, t0)
+        return call
+
+    def _start(self, endpoint: str, t0: float) -> None:
         self.endpoint = endpoint            # the API route: keys.CHAT or keys.COMPLETIONS
         self.t0 = t0                        # perf_counter at arrival
-        self.request_id = request_id(request)
         self.body: dict[str, Any] = {}      # the validated JSON body
+        self.raw = b""                      # the body's bytes (the fast path learns them)
         self.model = ""
         self.tier = ""                      # the tier that serves it (x-route-tier)
         self.routed = False                 # model "auto" or an alias: the router chooses

@@ -120,6 +120,13 @@ class ServerConfig:
     #: Open client connections; more are answered 503 and closed. 0 = half the process's file
     #: limit (raised to its hard limit at start), the rest left for upstreams, Redis and files.
     max_connections: int = 0
+    #: Answer a repeated exact request (the same bytes: path, header lines incl. the
+    #: credential, body) from L1 below aiohttp's request layer (proxy/fastpath.py). Off while
+    #: the JSON access log is on (it logs from aiohttp's request objects).
+    fast_path: bool = True
+    #: Requests the fast path remembers (LRU), and the bytes their keys may hold in all.
+    fast_path_entries: int = 8192
+    fast_path_max_bytes: int = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)

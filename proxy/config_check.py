@@ -220,6 +220,9 @@ def _check_server(s: ServerConfig) -> None:
             raise ConfigError(f"server.{fname}: must be > 0")
     if s.max_connections < 0:
         raise ConfigError("server.max_connections: must be >= 0 (0 = from the file limit)")
+    if s.fast_path_entries < 1 or s.fast_path_max_bytes < 1:
+        raise ConfigError("server.fast_path_entries and fast_path_max_bytes: must be >= 1 "
+                          "(server.fast_path = false turns the fast path off)")
 
 
 def _check_cache(c: CacheConfig) -> None:

@@ -15,11 +15,12 @@ import orjson
 from aiohttp import web
 
 from proxy.answer import CachedAnswer
-from proxy.call import Call, cache_directives
+from proxy.call import Call, cache_directives, new_request_id
 from proxy.config import Config, time_sensitive
 from proxy.errors import ProxyError, model_not_found, sse_error_event
 from proxy.events import EventLog, event
 from proxy.exact import ExactCache
+from proxy.fastpath import HitMemo, HitPlan, response_bytes, supported
 from proxy.feedback import ServedLedger
 from proxy.flight import Cursor, Flight, cancel_all, drain
 from proxy.keys import CHAT, COMPLETIONS, namespace_of, request_keys
@@ -81,6 +82,11 @@ class Proxy(SemanticPath):
         self._audits: set[Flight] = set()
         self._audit_tasks: set[asyncio.Task[None]] = set()
         self.events = EventLog(config)
+        srv = config.server
+        # repeated exact requests answered below aiohttp's request layer (proxy/fastpath.py)
+        self.memo = (HitMemo(srv.fast_path_entries, srv.fast_path_max_bytes)
+                     if srv.fast_path and not srv.access_log and config.cache.enabled
+                     and supported() else None)
 
     async def start(self) -> None:
         await self.cache.start()
@@ -136,6 +142,8 @@ class Proxy(SemanticPath):
         self.by_model = {t.model: name for name, t in self.tiers.items() if t.model}
         self.key_model = {name: f"{t.model}\x1f{t.identity}" for name, t in self.tiers.items()}
         self.auto_identity = "\x1e".join(t.identity for t in self.tiers.values())
+        if self.memo is not None:  # its plans hold keys made with the old identities
+            self.memo.clear()
 
     def resolve_tier(self, model: str) -> str:
         """The tier that serves ``model``; "auto" (and aliases) -> the default tier."""
@@ -230,6 +238,8 @@ class Proxy(SemanticPath):
                 if self.ledger is not None and call.keys is not None:
                     self.ledger.record(call.request_id, call.namespace, call.keys.exact,
                                        "hit-exact")
+                if self.memo is not None:  # the same bytes again: proxy/fastpath.py
+                    self.memo.learn(call.request, call.raw, call)
                 return self._serve_hit(call, answer, "hit-exact", answer.tier if call.routed
                                        else call.tier)  # an auto hit counts where it was made
         call.outcome = "miss" if call.lookup else "bypass"
@@ -256,6 +266,7 @@ class Proxy(SemanticPath):
         request, cfg = call.request, self.config.server
         check_headers(request.headers)
         raw = await read_json_body(request, cfg.max_body_bytes, cfg.body_timeout_s)
+        call.raw = raw
         call.body = body = parse_json(raw)
         validate(body, call.endpoint, self.config.server)
 
@@ -486,6 +497,33 @@ class Proxy(SemanticPath):
                    ) -> web.Response:
         """Answer from the cache; ``tier_name`` is the tier the hit is counted (and saved) on,
         and the one x-route-tier names (an "auto" exact hit: the tier that made the answer)."""
+        body, headers = self._hit(call, answer, outcome, tier_name)
+        return web.Response(body=body, headers=headers)
+
+    def replay_exact(self, plan: HitPlan, t0: float) -> bytes | None:
+        """The whole HTTP response to a request the fast path recognised (proxy/fastpath.py):
+        the exact hit the normal path would serve, or None (entry gone from L1, or longer
+        than the request's token limit: the normal path decides)."""
+        answer = self.cache.get_l1(plan.keys.exact)
+        if answer is None or not answer.fits(plan.max_tokens):
+            return None
+        call = Call.replayed(plan.endpoint, t0, plan.client_rid or new_request_id())
+        call.model, call.tier, call.routed = plan.model, plan.tier, plan.routed
+        call.stream, call.include_usage = plan.stream, plan.include_usage
+        call.max_tokens, call.namespace, call.keys = plan.max_tokens, plan.namespace, plan.keys
+        call.lookup = call.store = True
+        call.sampled = plan.sampled
+        if self.ledger is not None:
+            self.ledger.record(call.request_id, call.namespace, plan.keys.exact, "hit-exact")
+        body, headers = self._hit(call, answer, "hit-exact",
+                                  answer.tier if call.routed else call.tier)
+        if self.events.enabled:
+            self.events.emit(self._event(call, 200))
+        return response_bytes(headers, body)
+
+    def _hit(self, call: Call, answer: CachedAnswer, outcome: str, tier_name: str
+             ) -> tuple[bytes, dict[str, str]]:
+        """A hit's accounting, body and headers (``_serve_hit`` and ``replay_exact``)."""
         call.outcome = outcome
         call.tier = tier_name  # the tier that made the answer (an auto hit is not re-routed)
         tier = self.tiers.get(tier_name)
@@ -494,14 +532,15 @@ class Proxy(SemanticPath):
             call.saved_usd = self.metrics.save(tier.cfg, call.namespace, answer.prompt_tokens,
                                                answer.completion_tokens)
         if call.stream:
-            resp = web.Response(body=answer.replay(True, call.include_usage),
-                                headers={**SSE_HEADERS, **call.headers()})
+            body = answer.replay(True, call.include_usage)
+            headers = {**SSE_HEADERS, **call.headers()}
         else:
-            resp = web.Response(body=answer.replay(False), content_type=JSON,
-                                headers=call.headers())
+            body = answer.replay(False)
+            headers = call.headers()
+            headers["Content-Type"] = JSON
         self.metrics.observe_request(call.endpoint, outcome, tier_name,
                                      time.perf_counter() - call.t0)
-        return resp
+        return body, headers
 
     # -- other endpoints ---------------------------------------------------------------------
     async def models(self, request: web.Request) -> web.Response:

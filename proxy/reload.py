@@ -78,6 +78,9 @@ def apply(proxy: Any, merged: Config) -> None:
     """Put ``merged`` (from ``plan``) into the running proxy."""
     logging.getLogger().setLevel(merged.server.log_level.upper())
     proxy.config = merged
+    memo = getattr(proxy, "memo", None)
+    if memo is not None:  # its plans were derived under the old configuration
+        memo.clear()
     sem = getattr(proxy, "semantic", None)
     if sem is not None:
         sem.cfg = merged.semantic

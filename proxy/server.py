@@ -18,7 +18,7 @@ import orjson
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from proxy import gcwatch, passthrough
+from proxy import fastpath, gcwatch, passthrough
 from proxy.admin import ADMIN_KEY, Admin
 from proxy.config import Config
 from proxy.errors import ProxyError, add_fallback_route
@@ -144,18 +144,22 @@ class _Busy(asyncio.Protocol):
 
 class CappedServer:
     """aiohttp's protocol factory with a connection cap: over ``limit`` open connections a new
-    one gets ``_Busy`` (503) instead of a request handler. Everything else is delegated."""
+    one gets ``_Busy`` (503) instead of a request handler; with a proxy whose fast path is on,
+    the handler is a ``fastpath.FastHandler``. Everything else is delegated."""
 
-    def __init__(self, inner: web.Server, limit: int) -> None:
+    def __init__(self, inner: web.Server, limit: int, proxy: Proxy | None = None) -> None:
         self._inner = inner
         self.limit = limit
         self.refused = 0
+        self._make: Callable[[], asyncio.BaseProtocol] = (
+            fastpath.handler_factory(inner, proxy) if proxy is not None
+            and proxy.memo is not None else inner)
 
     def __call__(self) -> asyncio.BaseProtocol:
         if len(self._inner._connections) >= self.limit:
             self.refused += 1
             return _Busy()
-        return self._inner()
+        return self._make()
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._inner, name)
@@ -175,6 +179,13 @@ def connection_limit(configured: int) -> int:
     if configured:
         return configured
     return max(64, (soft if soft != resource.RLIM_INFINITY else 65536) // 2)
+
+
+def install_protocol(runner: web.AppRunner, limit: int) -> None:
+    """Serve ``runner``'s connections through ``CappedServer`` (after ``runner.setup()``,
+    before its site starts): the connection cap and the exact-hit fast path."""
+    proxy = runner.app[PROXY_KEY]
+    runner._server = CappedServer(runner.server, limit, proxy)  # type: ignore[arg-type,assignment]
 
 
 class Server:
@@ -197,7 +208,7 @@ class Server:
                                shutdown_timeout=cfg.shutdown_timeout_s, **access)  # type: ignore[arg-type]
         await runner.setup()
         limit = connection_limit(cfg.max_connections)
-        runner._server = CappedServer(runner.server, limit)  # type: ignore[arg-type,assignment]
+        install_protocol(runner, limit)
         site = web.TCPSite(runner, cfg.host, cfg.port, backlog=1024, reuse_address=True)
         try:
             await site.start()

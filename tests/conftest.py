@@ -31,7 +31,7 @@ from aiohttp import web
 from proxy.config import Config, load_config
 from proxy.metrics import Metrics
 from proxy.mock_vllm import MockVLLM, start_mock
-from proxy.server import PROXY_KEY, build_app
+from proxy.server import PROXY_KEY, build_app, install_protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 # Proxies started as child processes (run_cli) read these: no shedding of semantic lookups on a
@@ -148,6 +148,7 @@ async def start_proxy(config: Config) -> RunningProxy:
     app = build_app(config, metrics)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=2)
     await runner.setup()
+    install_protocol(runner, 1024)  # as Server.serve does: the fast path and the connection cap
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
