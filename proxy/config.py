@@ -121,8 +121,7 @@ class ServerConfig:
     #: limit (raised to its hard limit at start), the rest left for upstreams, Redis and files.
     max_connections: int = 0
     #: Answer a repeated exact request (the same bytes: path, header lines incl. the
-    #: credential, body) from L1 below aiohttp's request layer (proxy/fastpath.py). Off while
-    #: the JSON access log is on (it logs from aiohttp's request objects).
+    #: credential, body) from L1 below aiohttp's request layer (proxy/fastpath.py).
     fast_path: bool = True
     #: Requests the fast path remembers (LRU), and the bytes their keys may hold in all.
     fast_path_entries: int = 8192

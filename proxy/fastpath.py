@@ -49,7 +49,8 @@ MAX_BODY_BYTES: Final = 8192
 #: aiohttp without them the fast path stays off (tests/test_fastpath.py fails loudly).
 _NEEDS: Final = ("_waiter", "_messages", "_parser", "_payload_parser", "_upgraded",
                  "_next_keepalive_close_time", "_keepalive_timeout", "_force_close", "_close",
-                 "_buffer_paused", "_msg_queue_resume_size", "_resume_reading_if_drained")
+                 "_buffer_paused", "_msg_queue_resume_size", "_resume_reading_if_drained",
+                 "access_logger", "_logging_enabled")
 
 RawKey = tuple[str, tuple[tuple[bytes, bytes], ...], bytes]
 
@@ -240,6 +241,9 @@ class FastHandler(web_protocol.RequestHandler):
         transport = self.transport
         if transport is None or transport.is_closing():
             return _NO
+        access = self.access_logger
+        if access is not None and not hasattr(access, "log_fields"):
+            return _NO  # an access logger that needs aiohttp's request objects
         try:
             out = self._fast.replay_exact(plan, t0)
         except Exception:  # never lose a request to the fast path: aiohttp answers it
@@ -247,8 +251,14 @@ class FastHandler(web_protocol.RequestHandler):
             return _NO
         if out is None:
             return _NO
-        transport.write(out)
+        headers, body = out
+        transport.write(response_bytes(headers, body))
         memo.served += 1
+        if access is not None and self._logging_enabled:
+            peer = transport.get_extra_info("peername")
+            access.log_fields("POST", message.url.path, 200, time.perf_counter() - t0,
+                              len(body), headers,
+                              peer[0] if isinstance(peer, (list, tuple)) else None)
         self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
         return _SERVED
 

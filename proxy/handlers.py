@@ -20,7 +20,7 @@ from proxy.config import Config, time_sensitive
 from proxy.errors import ProxyError, model_not_found, sse_error_event
 from proxy.events import EventLog, event
 from proxy.exact import ExactCache
-from proxy.fastpath import HitMemo, HitPlan, response_bytes, supported
+from proxy.fastpath import HitMemo, HitPlan, supported
 from proxy.feedback import ServedLedger
 from proxy.flight import Cursor, Flight, cancel_all, drain
 from proxy.keys import CHAT, COMPLETIONS, namespace_of, request_keys
@@ -85,7 +85,7 @@ class Proxy(SemanticPath):
         srv = config.server
         # repeated exact requests answered below aiohttp's request layer (proxy/fastpath.py)
         self.memo = (HitMemo(srv.fast_path_entries, srv.fast_path_max_bytes)
-                     if srv.fast_path and not srv.access_log and config.cache.enabled
+                     if srv.fast_path and config.cache.enabled
                      and supported() else None)
 
     async def start(self) -> None:
@@ -500,10 +500,10 @@ class Proxy(SemanticPath):
         body, headers = self._hit(call, answer, outcome, tier_name)
         return web.Response(body=body, headers=headers)
 
-    def replay_exact(self, plan: HitPlan, t0: float) -> bytes | None:
-        """The whole HTTP response to a request the fast path recognised (proxy/fastpath.py):
-        the exact hit the normal path would serve, or None (entry gone from L1, or longer
-        than the request's token limit: the normal path decides)."""
+    def replay_exact(self, plan: HitPlan, t0: float) -> tuple[dict[str, str], bytes] | None:
+        """The headers and body answering a request the fast path recognised
+        (proxy/fastpath.py): the exact hit the normal path would serve, or None (entry gone
+        from L1, or longer than the request's token limit: the normal path decides)."""
         answer = self.cache.get_l1(plan.keys.exact)
         if answer is None or not answer.fits(plan.max_tokens):
             return None
@@ -519,7 +519,7 @@ class Proxy(SemanticPath):
                                   answer.tier if call.routed else call.tier)
         if self.events.enabled:
             self.events.emit(self._event(call, 200))
-        return response_bytes(headers, body)
+        return headers, body
 
     def _hit(self, call: Call, answer: CachedAnswer, outcome: str, tier_name: str
              ) -> tuple[bytes, dict[str, str]]:
