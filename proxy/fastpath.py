@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
+import sys
 import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Final
@@ -111,7 +112,8 @@ class HitMemo:
         """Remember an exact hit the normal path just served, when a later identical request
         can be replayed from it (a keep-alive HTTP/1.1 POST with a small Content-Length
         body, no Expect)."""
-        if (len(raw) > MAX_BODY_BYTES or not request.keep_alive or request.version != (1, 1)
+        if (call.keys is None or len(raw) > MAX_BODY_BYTES or not request.keep_alive
+                or request.version != (1, 1)
                 or not isinstance(request.protocol, FastHandler) or "Expect" in request.headers
                 or request.headers.get("Transfer-Encoding")):
             return
@@ -121,7 +123,10 @@ class HitMemo:
         if key in d:
             d.move_to_end(key)
             return
-        size = len(raw) + len(key[0]) + sum(len(k) + len(v) + 16 for k, v in raw_headers) + 400
+        # the key's bytes, the plan's query text (JSON escapes can make it larger than its
+        # bytes in the body) and the objects around them
+        size = (len(raw) + len(key[0]) + sum(len(k) + len(v) + 80 for k, v in raw_headers)
+                + sys.getsizeof(call.keys.query_text) + 600)
         client = request.headers.get("x-request-id")
         d[key] = HitPlan(call, call.request_id if client == call.request_id else None, size)
         heads = self._heads
