@@ -46,12 +46,19 @@ log = logging.getLogger(__name__)
 
 #: Requests with a larger body are not memoised (their bytes would crowd the memo).
 MAX_BODY_BYTES: Final = 8192
+#: Answers are written here only while the connection's write buffer holds less than this
+#: (aiohttp's own high-water mark); a client that does not read its answers goes to the
+#: normal path, whose drain and read pause bound what it can make the proxy buffer.
+MAX_WRITE_BUFFER: Final = 64 * 1024
+#: Seconds a known head may wait for the rest of its body here; then aiohttp's handler takes
+#: the request (and applies server.body_timeout_s from there).
+HOLD_S: Final = 1.0
 #: The attributes of aiohttp's RequestHandler and StreamReader the fast path relies on; on an
 #: aiohttp without them the fast path stays off (tests/test_fastpath.py fails loudly).
 _NEEDS: Final = ("_waiter", "_messages", "_parser", "_payload_parser", "_upgraded",
                  "_next_keepalive_close_time", "_keepalive_timeout", "_force_close", "_close",
                  "_buffer_paused", "_msg_queue_resume_size", "_resume_reading_if_drained",
-                 "access_logger", "_logging_enabled")
+                 "access_logger", "_logging_enabled", "_paused")
 
 RawKey = tuple[str, tuple[tuple[bytes, bytes], ...], bytes]
 
@@ -112,10 +119,11 @@ class HitMemo:
         """Remember an exact hit the normal path just served, when a later identical request
         can be replayed from it (a keep-alive HTTP/1.1 POST with a small Content-Length
         body, no Expect)."""
+        given = request.headers
         if (call.keys is None or len(raw) > MAX_BODY_BYTES or not request.keep_alive
                 or request.version != (1, 1)
-                or not isinstance(request.protocol, FastHandler) or "Expect" in request.headers
-                or request.headers.get("Transfer-Encoding")):
+                or not isinstance(request.protocol, FastHandler) or "Expect" in given
+                or "Transfer-Encoding" in given or "Upgrade" in given):
             return
         raw_headers = tuple(request.raw_headers)
         key: RawKey = (request.raw_path, raw_headers, raw)
@@ -179,14 +187,34 @@ class FastHandler(web_protocol.RequestHandler):
     """aiohttp's request handler, answering memoised exact hits as soon as their bytes are
     parsed (see the module docstring); every other request takes aiohttp's path."""
 
-    __slots__ = ("_fast", "_pending")
+    __slots__ = ("_fast", "_hold", "_pending")
 
     def __init__(self, manager: Any, fast: Any, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._fast = fast  # the Proxy: .memo and .replay_exact
         # a known head arrived without its body (clients often write them separately): the
-        # message waits, unseen by aiohttp's handler, for the rest of its body
+        # message waits, unseen by aiohttp's handler, for the rest of its body, HOLD_S at most
         self._pending = False
+        self._hold: asyncio.TimerHandle | None = None
+
+    def _release(self) -> None:
+        """The held message goes to aiohttp's handler (its body is late, or never came)."""
+        self._hold = None
+        if self._pending:
+            self._pending = False
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    def _unhold(self) -> None:
+        self._pending = False
+        if self._hold is not None:
+            self._hold.cancel()
+            self._hold = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._unhold()
+        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         waiter = self._waiter
@@ -209,7 +237,7 @@ class FastHandler(web_protocol.RequestHandler):
         if len(messages) == 1 and not self._upgraded:
             verdict = self._serve(*messages[0])
             if verdict == _SERVED:
-                self._pending = False
+                self._unhold()
                 messages.popleft()
                 if self._parser is not None:
                     self._parser.message_consumed()
@@ -217,9 +245,14 @@ class FastHandler(web_protocol.RequestHandler):
                     self._resume_reading_if_drained()
                 return
             if verdict == _WAIT:
-                self._pending = True
+                if not self._pending:  # one deadline from the head's arrival, never extended
+                    self._pending = True
+                    self._hold = self._loop.call_later(HOLD_S, self._release)
+                    # aiohttp's idle timer must not take the held message for idleness
+                    self._next_keepalive_close_time = max(
+                        self._next_keepalive_close_time, self._loop.time() + HOLD_S + 1.0)
                 return
-        self._pending = False
+        self._unhold()
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
@@ -228,14 +261,12 @@ class FastHandler(web_protocol.RequestHandler):
         request's body (_WAIT), or leave it to aiohttp (_NO)."""
         t0 = time.perf_counter()
         if (getattr(message, "method", None) != "POST" or message.should_close
-                or message.chunked or message.upgrade):
+                or message.chunked or message.upgrade or message.version != (1, 1)):
             return _NO
         memo = self._fast.memo
         if not payload.is_eof():
             if payload.exception() is None and memo.knows_head(message.path,
                                                                message.raw_headers):
-                # renewed: aiohttp's idle timer would take a waiting message for idleness
-                self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
                 return _WAIT
             return _NO
         buf = payload._buffer
@@ -244,8 +275,9 @@ class FastHandler(web_protocol.RequestHandler):
         if plan is None:
             return _NO
         transport = self.transport
-        if transport is None or transport.is_closing():
-            return _NO
+        if (transport is None or transport.is_closing() or self._paused
+                or transport.get_write_buffer_size() >= MAX_WRITE_BUFFER):
+            return _NO  # a client not reading its answers: the normal path's backpressure
         access = self.access_logger
         if access is not None and not hasattr(access, "log_fields"):
             return _NO  # an access logger that needs aiohttp's request objects
@@ -261,9 +293,12 @@ class FastHandler(web_protocol.RequestHandler):
         memo.served += 1
         if access is not None and self._logging_enabled:
             peer = transport.get_extra_info("peername")
-            access.log_fields("POST", message.url.path, 200, time.perf_counter() - t0,
-                              len(body), headers,
-                              peer[0] if isinstance(peer, (list, tuple)) else None)
+            try:
+                access.log_fields("POST", message.url.path, 200, time.perf_counter() - t0,
+                                  len(body), headers,
+                                  peer[0] if isinstance(peer, (list, tuple)) else None)
+            except Exception:  # the answer is out: a log failure must not drop the connection
+                log.exception("access log failed for a fast-path answer")
         self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
         return _SERVED
 

@@ -211,9 +211,11 @@ class Proxy(SemanticPath):
         """The request's event-log record (proxy/events.py)."""
         now = time.perf_counter()
         prompt = None
-        if self.events.log_prompts and call.body:
-            prompt = (call.keys.query_text if call.keys is not None and call.keys.query_text
-                      else prompt_text(call.endpoint, call.body))
+        if self.events.log_prompts:  # a fast-path replay has its keys but no parsed body
+            if call.keys is not None and call.keys.query_text:
+                prompt = call.keys.query_text
+            elif call.body:
+                prompt = prompt_text(call.endpoint, call.body)
         return event(request_id=call.request_id, namespace=call.namespace or "-",
                      endpoint=call.endpoint, model=call.model, tier=call.tier,
                      outcome=call.outcome or "error", status=status, latency_s=now - call.t0,
@@ -513,10 +515,10 @@ class Proxy(SemanticPath):
         call.max_tokens, call.namespace, call.keys = plan.max_tokens, plan.namespace, plan.keys
         call.lookup = call.store = True
         call.sampled = plan.sampled
-        if self.ledger is not None:
-            self.ledger.record(call.request_id, call.namespace, plan.keys.exact, "hit-exact")
         body, headers = self._hit(call, answer, "hit-exact",
                                   answer.tier if call.routed else call.tier)
+        if self.ledger is not None:
+            self.ledger.record(call.request_id, call.namespace, plan.keys.exact, "hit-exact")
         if self.events.enabled:
             self.events.emit(self._event(call, 200))
         return headers, body
@@ -526,16 +528,16 @@ class Proxy(SemanticPath):
         """A hit's accounting, body and headers (``_serve_hit`` and ``replay_exact``)."""
         call.outcome = outcome
         call.tier = tier_name  # the tier that made the answer (an auto hit is not re-routed)
+        # the body first: nothing is counted for a hit that could not be replayed
+        body = answer.replay(True, call.include_usage) if call.stream else answer.replay(False)
         tier = self.tiers.get(tier_name)
         call.usage = (answer.prompt_tokens, answer.completion_tokens)
         if tier is not None:
             call.saved_usd = self.metrics.save(tier.cfg, call.namespace, answer.prompt_tokens,
                                                answer.completion_tokens)
         if call.stream:
-            body = answer.replay(True, call.include_usage)
             headers = {**SSE_HEADERS, **call.headers()}
         else:
-            body = answer.replay(False)
             headers = call.headers()
             headers["Content-Type"] = JSON
         self.metrics.observe_request(call.endpoint, outcome, tier_name,

@@ -267,3 +267,88 @@ async def test_access_log_lines_for_fast_hits(make_proxy, caplog) -> None:
         assert "sk-a" not in json.dumps(lines)
     finally:
         await runner.cleanup()
+
+
+def _write_buffered(p: Any) -> int:
+    return sum(t.get_write_buffer_size() for t in p.runner.server._connections.values()
+               if t is not None)
+
+
+async def test_a_client_that_never_reads_cannot_grow_memory(make_proxy, tiers) -> None:
+    """Before: fast answers were written whatever the connection's write buffer held, so a
+    client sending one request per segment and reading nothing made the proxy buffer every
+    answer (15 MB for 2,000 requests of one connection). Now a full buffer hands the request
+    to aiohttp, whose drain and read pause stop it."""
+    import socket
+
+    tiers["small"].mock.reply_tokens = 1500  # a ~10 KB cached answer
+    p = await make_proxy()
+    req = raw_request()
+    await exchange(p.url, req, req)
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    host, port = p.url.split("//")[1].split(":")
+    sock.connect((host, int(port)))
+    sock.setblocking(False)
+    try:
+        for _ in range(2000):
+            try:
+                await asyncio.wait_for(loop.sock_sendall(sock, req), 0.5)
+            except TimeoutError:
+                break  # the proxy stopped reading: backpressure reached the client
+            await asyncio.sleep(0.002)
+        await asyncio.sleep(0.1)
+        assert p.proxy.memo.served > 0
+        assert _write_buffered(p) < 1_000_000
+    finally:
+        sock.close()
+
+
+async def test_a_held_head_keeps_the_body_timeout(make_proxy) -> None:
+    """Before: a known head waiting for its body pushed the idle deadline forward on every
+    byte, so a client dribbling its body held the connection forever (no 408). Now the head is
+    held HOLD_S at most, then aiohttp's handler applies server.body_timeout_s."""
+    import time
+
+    p = await make_proxy(server={"idle_timeout_s": 0.5, "body_timeout_s": 1.0})
+    await exchange(p.url, raw_request(), raw_request())
+    req = raw_request()
+    cut = req.index(b"\r\n\r\n") + 4
+    host, port = p.url.split("//")[1].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(req[:cut + 1])
+    t0 = time.perf_counter()
+    i = cut + 1
+    while time.perf_counter() - t0 < 6.0 and not reader.at_eof() and not reader._buffer:
+        await asyncio.sleep(0.3)
+        writer.write(req[i:i + 1])
+        i += 1
+    status, _, _ = await read_response(reader)
+    writer.close()
+    assert status == 408 and time.perf_counter() - t0 < 4.0
+
+
+async def test_http10_is_never_answered_by_the_fast_path(make_proxy) -> None:
+    p = await make_proxy()
+    req11 = raw_request(extra="Connection: keep-alive\r\n")
+    await exchange(p.url, req11, req11)
+    req10 = req11.replace(b"HTTP/1.1\r\n", b"HTTP/1.0\r\n", 1)
+    host, port = p.url.split("//")[1].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(req10)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    writer.close()
+    assert head.startswith(b"HTTP/1.0 200") and p.proxy.memo.served == 0
+
+
+async def test_event_log_keeps_the_prompt_of_fast_hits(make_proxy, tmp_path) -> None:
+    p = await make_proxy(events={"sink": "file", "path": str(tmp_path / "ev.jsonl"),
+                                 "log_prompts": True})
+    captured: list[dict[str, Any]] = []
+    orig = p.proxy.events.emit
+    p.proxy.events.emit = lambda e: (captured.append(e), orig(e))[1]
+    await exchange(p.url, *[raw_request()] * 3)
+    assert p.proxy.memo.served == 1
+    assert [e["prompt"] for e in captured] == ["fast path please"] * 3
+    assert [e["outcome"] for e in captured] == ["miss", "hit-exact", "hit-exact"]
