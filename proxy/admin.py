@@ -148,6 +148,10 @@ class Admin:
             "embedder": None if p.semantic is None else p.semantic.embedder_stats(),
             "gc": None if gcwatch.current is None else gcwatch.current.stats(),
             "feedback_ledger": 0 if p.ledger is None else len(p.ledger),
+            # the exact-hit fast path (proxy/fastpath.py): requests remembered, their bytes,
+            # hits it answered since start
+            "fast_path": None if p.memo is None else {
+                "entries": len(p.memo), "bytes": p.memo.bytes, "served": p.memo.served},
             "flights_in_progress": len(p.flights),
             "tiers": {n: t.stats() for n, t in p.tiers.items()},
             "version": __version__,

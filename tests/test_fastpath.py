@@ -212,13 +212,19 @@ async def test_stream_replay_and_token_limit(make_proxy) -> None:
 async def test_memo_is_bounded_and_cleared_on_reload(make_proxy) -> None:
     from proxy import reload
 
-    p = await make_proxy(server={"fast_path_entries": 2})
+    p = await make_proxy(server={"fast_path_entries": 2, "admin_token": "adm"})
     for i in range(4):
         b = orjson.dumps({"model": "small-8b", "temperature": 0,
                           "messages": [{"role": "user", "content": f"bounded {i}"}]})
         await exchange(p.url, raw_request(b), raw_request(b))
     memo = p.proxy.memo
     assert len(memo) == 2 and 0 < memo.bytes <= 2 * 3000
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s, s.get(
+            p.url + "/admin/stats", headers={"Authorization": "Bearer adm"}) as r:
+        fast = (await r.json())["fast_path"]
+    assert fast == {"entries": 2, "bytes": memo.bytes, "served": memo.served}
     reload.apply(p.proxy, p.proxy.config)
     assert len(memo) == 0 and memo.bytes == 0
 
