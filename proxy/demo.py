@@ -25,7 +25,7 @@ from aiohttp import web
 from proxy.config import Config, TierConfig, load_config
 from proxy.metrics import Metrics, cost_usd
 from proxy.mock_vllm import start_mock
-from proxy.server import build_app
+from proxy.server import build_app, install_protocol
 
 # (question, paraphrases): the paraphrases are asked once their question may be cached
 QUESTIONS: list[tuple[str, tuple[str, ...]]] = [
@@ -168,6 +168,7 @@ async def _start_proxy(mocks: list[Mock], redis: str | None
     app = build_app(cfg, metrics)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     await runner.setup()
+    install_protocol(runner, 1024)  # as `serve` does: the exact-hit fast path included
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
