@@ -187,11 +187,16 @@ class FastHandler(web_protocol.RequestHandler):
     """aiohttp's request handler, answering memoised exact hits as soon as their bytes are
     parsed (see the module docstring); every other request takes aiohttp's path."""
 
-    __slots__ = ("_fast", "_hold", "_pending")
+    __slots__ = ("_fast", "_hold", "_log", "_off", "_pending")
 
     def __init__(self, manager: Any, fast: Any, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._fast = fast  # the Proxy: .memo and .replay_exact
+        # an access logger that needs aiohttp's request objects: every request of this
+        # connection takes the normal path
+        access = self.access_logger
+        self._log = getattr(access, "log_fields", None) if self._logging_enabled else None
+        self._off = access is not None and not hasattr(access, "log_fields")
         # a known head arrived without its body (clients often write them separately): the
         # message waits, unseen by aiohttp's handler, for the rest of its body, HOLD_S at most
         self._pending = False
@@ -221,7 +226,7 @@ class FastHandler(web_protocol.RequestHandler):
         # only an idle connection (its handler waiting for the next request, nothing queued,
         # not inside a body or an upgrade) may be answered here, or answers could reorder
         if not self._pending and (
-                waiter is None or waiter.done() or self._messages
+                self._off or waiter is None or waiter.done() or self._messages
                 or self._payload_parser is not None or self._upgraded or not self._fast.memo):
             super().data_received(data)
             return
@@ -278,9 +283,6 @@ class FastHandler(web_protocol.RequestHandler):
         if (transport is None or transport.is_closing() or self._paused
                 or transport.get_write_buffer_size() >= MAX_WRITE_BUFFER):
             return _NO  # a client not reading its answers: the normal path's backpressure
-        access = self.access_logger
-        if access is not None and not hasattr(access, "log_fields"):
-            return _NO  # an access logger that needs aiohttp's request objects
         try:
             out = self._fast.replay_exact(plan, t0)
         except Exception:  # never lose a request to the fast path: aiohttp answers it
@@ -288,15 +290,14 @@ class FastHandler(web_protocol.RequestHandler):
             return _NO
         if out is None:
             return _NO
-        headers, body = out
+        body, headers = out
         transport.write(response_bytes(headers, body))
         memo.served += 1
-        if access is not None and self._logging_enabled:
+        if self._log is not None:
             peer = transport.get_extra_info("peername")
             try:
-                access.log_fields("POST", message.url.path, 200, time.perf_counter() - t0,
-                                  len(body), headers,
-                                  peer[0] if isinstance(peer, (list, tuple)) else None)
+                self._log("POST", message.url.path, 200, time.perf_counter() - t0, len(body),
+                          headers, peer[0] if isinstance(peer, (list, tuple)) else None)
             except Exception:  # the answer is out: a log failure must not drop the connection
                 log.exception("access log failed for a fast-path answer")
         self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout

@@ -502,8 +502,8 @@ class Proxy(SemanticPath):
         body, headers = self._hit(call, answer, outcome, tier_name)
         return web.Response(body=body, headers=headers)
 
-    def replay_exact(self, plan: HitPlan, t0: float) -> tuple[dict[str, str], bytes] | None:
-        """The headers and body answering a request the fast path recognised
+    def replay_exact(self, plan: HitPlan, t0: float) -> tuple[bytes, dict[str, str]] | None:
+        """The body and headers answering a request the fast path recognised
         (proxy/fastpath.py): the exact hit the normal path would serve, or None (entry gone
         from L1, or longer than the request's token limit: the normal path decides)."""
         answer = self.cache.get_l1(plan.keys.exact)
@@ -521,7 +521,7 @@ class Proxy(SemanticPath):
             self.ledger.record(call.request_id, call.namespace, plan.keys.exact, "hit-exact")
         if self.events.enabled:
             self.events.emit(self._event(call, 200))
-        return headers, body
+        return body, headers
 
     def _hit(self, call: Call, answer: CachedAnswer, outcome: str, tier_name: str
              ) -> tuple[bytes, dict[str, str]]:

@@ -90,18 +90,16 @@ class JsonAccessLogger(AbstractAccessLogger):
     without regexes. Never logs the Authorization header or the body."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        h = response.headers
         self.log_fields(request.method, request.path, response.status, time,
-                        response.body_length, h, request.remote)
+                        response.body_length, response.headers, request.remote)
 
     def log_fields(self, method: str, path: str, status: int, seconds: float, nbytes: int,
                    headers: Mapping[str, str], remote: str | None) -> None:
         """The record itself; the exact-hit fast path (no aiohttp request) logs through it."""
-        h = headers
         rec = {"ts": round(_time.time(), 3), "method": method, "path": path,
                "status": status, "ms": round(seconds * 1000, 3),
-               "bytes": nbytes, "cache": h.get("x-cache"),
-               "tier": h.get("x-route-tier"), "request_id": h.get("x-request-id"),
+               "bytes": nbytes, "cache": headers.get("x-cache"),
+               "tier": headers.get("x-route-tier"), "request_id": headers.get("x-request-id"),
                "remote": remote}
         try:
             line = orjson.dumps(rec)
