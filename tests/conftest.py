@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import socket
@@ -29,9 +30,10 @@ import uvloop
 from aiohttp import web
 
 from proxy.config import Config, load_config
+from proxy.logs import ACCESS_LOGGER
 from proxy.metrics import Metrics
 from proxy.mock_vllm import MockVLLM, start_mock
-from proxy.server import PROXY_KEY, build_app, install_protocol
+from proxy.server import PROXY_KEY, JsonAccessLogger, build_app, install_protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 # Proxies started as child processes (run_cli) read these: no shedding of semantic lookups on a
@@ -143,16 +145,36 @@ class RunningProxy:
                                   timeout=30, **kwargs)
 
 
-async def start_proxy(config: Config) -> RunningProxy:
+async def start_proxy(config: Config, access_log: bool = False) -> RunningProxy:
+    """A proxy on a free port, served as Server.serve does (``access_log``: the JSON access
+    log on the "edge_proxy.access" logger, as server.access_log = true)."""
     metrics = Metrics()
     app = build_app(config, metrics)
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=2)
+    logged: dict[str, Any] = {"access_log": None}
+    if access_log:
+        logged = {"access_log": logging.getLogger(ACCESS_LOGGER),
+                  "access_log_class": JsonAccessLogger}
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=2, **logged)
     await runner.setup()
     install_protocol(runner, 1024)  # as Server.serve does: the fast path and the connection cap
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     return RunningProxy(f"http://127.0.0.1:{port}", app, runner, config, metrics)
+
+
+async def access_lines(caplog: Any, n: int) -> list[dict[str, Any]]:
+    """The JSON access log's records so far, once there are ``n`` (aiohttp logs a request
+    after its last byte went out: the client can be first), or after 2 s."""
+    import json
+
+    lines: list[dict[str, Any]] = []
+    for _ in range(200):
+        lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == ACCESS_LOGGER]
+        if len(lines) >= n:
+            break
+        await asyncio.sleep(0.01)
+    return lines
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import orjson
 
 from proxy import fastpath
 from proxy.server import CappedServer
+from tests.conftest import access_lines, start_proxy
 
 BODY = orjson.dumps({"model": "small-8b", "temperature": 0,
                      "messages": [{"role": "user", "content": "fast path please"}]})
@@ -241,30 +242,13 @@ async def test_access_log_lines_for_fast_hits(make_proxy, caplog) -> None:
     import json
     import logging
 
-    from aiohttp import web
-
-    from proxy.metrics import Metrics
-    from proxy.server import PROXY_KEY, JsonAccessLogger, build_app, install_protocol
-
     p = await make_proxy(tier_names=("small",))  # only for its config (the mock tier)
-    app = build_app(p.config, Metrics())
-    runner = web.AppRunner(app, access_log=logging.getLogger("edge_proxy.access"),
-                           access_log_class=JsonAccessLogger)
-    await runner.setup()
-    install_protocol(runner, 64)
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    logged = await start_proxy(p.config, access_log=True)
     try:
         with caplog.at_level(logging.INFO, logger="edge_proxy.access"):
-            out = await exchange(url, *[raw_request()] * 3)
-            for _ in range(200):
-                lines = [json.loads(r.getMessage()) for r in caplog.records
-                         if r.name == "edge_proxy.access"]
-                if len(lines) >= 3:
-                    break
-                await asyncio.sleep(0.01)
-        assert app[PROXY_KEY].memo.served == 1
+            out = await exchange(logged.url, *[raw_request()] * 3)
+            lines = await access_lines(caplog, 3)
+        assert logged.proxy.memo.served == 1
         assert [x["cache"] for x in lines] == ["miss", "hit-exact", "hit-exact"]
         assert [x["request_id"] for x in lines] == [h(r)["x-request-id"] for r in out]
         fast = lines[2]
@@ -272,7 +256,7 @@ async def test_access_log_lines_for_fast_hits(make_proxy, caplog) -> None:
         assert fast["bytes"] == len(out[2][2]) and fast["remote"] == "127.0.0.1"
         assert "sk-a" not in json.dumps(lines)
     finally:
-        await runner.cleanup()
+        await logged.runner.cleanup()
 
 
 def _write_buffered(p: Any) -> int:

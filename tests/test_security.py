@@ -21,8 +21,7 @@ import openai
 import pytest
 import redis as redis_sync
 
-from proxy.server import JsonAccessLogger
-from tests.conftest import free_port, run_cli
+from tests.conftest import access_lines, free_port, run_cli, start_proxy
 from tests.test_exact import wait_http
 from tests.test_faults import _until
 
@@ -197,38 +196,21 @@ async def test_admin_token_with_non_utf8_bytes_is_a_401(make_proxy: Any) -> None
 async def test_json_access_log_never_raises(make_proxy: Any, caplog: Any) -> None:
     """Before: a non-UTF-8 x-request-id made the JSON access logger raise on every such
     request. The logger now writes one parseable line per request whatever the bytes."""
-    from aiohttp import web
-
-    from proxy.metrics import Metrics
-    from proxy.server import build_app
-
     p = await make_proxy(tier_names=("small",))  # only for its config (the mock tier)
-    app = build_app(p.config, Metrics())
-    runner = web.AppRunner(app, access_log=logging.getLogger("edge_proxy.access"),
-                           access_log_class=JsonAccessLogger)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    logged = await start_proxy(p.config, access_log=True)
     try:
         with caplog.at_level(logging.INFO, logger="edge_proxy.access"):
             for extra, path in ((b"x-request-id: r-\xff\r\n", CHAT.encode()),
                                 (b"x-request-id: ok-1\r\n", CHAT.encode()),
                                 (b"", b"/v1/%ff%fe%ed%a0%80")):
-                out = await raw_http(url, raw_chat("log me", extra, path))
+                out = await raw_http(logged.url, raw_chat("log me", extra, path))
                 assert status_of(out) in (200, 400, 404), out[:200]
-            # aiohttp logs a request after its last byte went out: the client can be first
-            for _ in range(200):
-                lines = [json.loads(r.getMessage()) for r in caplog.records
-                         if r.name == "edge_proxy.access"]
-                if len(lines) >= 3:
-                    break
-                await asyncio.sleep(0.01)
+            lines = await access_lines(caplog, 3)
         assert len(lines) == 3
         assert [rec["status"] for rec in lines] == [400, 200, 404]
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     finally:
-        await runner.cleanup()
+        await logged.runner.cleanup()
 
 
 async def test_namespace_series_are_bounded(make_proxy: Any) -> None:
