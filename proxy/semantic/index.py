@@ -276,6 +276,8 @@ class SemanticIndex:
             "entries": len(self),
             "scopes": len(self._scopes),
             "ann_scopes": sum(1 for s in self._scopes.values() if s.is_ann),
+            "ann_relinked": sum(s.relinked for s in self._scopes.values()
+                                if isinstance(s, AnnScope)),
             "searches": self.searches,
             "ann_searches": self.ann_searches,
             "adds": self.adds,

@@ -39,6 +39,9 @@ MIN_BLOCK: Final = 1  # a new scope starts with one row and doubles: small scope
 # Calibrated on RSS at 1M entries (benchmarks/README.md).
 _ANN_NODE_OVERHEAD: Final = 250
 _VEC_CHUNK: Final = 65_536  # vectors fetched from usearch per get_many call
+# Bulk ANN inserts up to this many rows run on one thread (see AnnScope.add_many); 4096 rows
+# take about 0.8 s serially on an AVX2-only core, larger bulk adds are snapshot loads
+SERIAL_BUILD_MAX: Final = 4096
 
 
 @dataclass(slots=True)
@@ -209,13 +212,14 @@ class BlockScope(Scope):
 class AnnScope(Scope):
     """One usearch HNSW index; labels are sids; candidates are rescored exactly."""
 
-    __slots__ = ("ann",)
+    __slots__ = ("ann", "relinked")
     is_ann: ClassVar[bool] = True
 
     def __init__(self, digest: bytes, namespace: str, num: int, params: ScopeParams,
                  slots: Slots) -> None:
         super().__init__(digest, namespace, num, params, slots)
         p = params
+        self.relinked = 0  # rows a bulk add stranded and inserted again (see add_many)
         self.ann: Index | None = Index(
             ndim=p.dim,
             # unit vectors: inner product = cosine, and cheaper; i8 rows carry a per-row scale
@@ -237,10 +241,30 @@ class AnnScope(Scope):
         self.n += 1
 
     def add_many(self, sids: np.ndarray, vecs: np.ndarray) -> None:
-        self._index().add(sids.astype(np.uint64), self.params.to_ann(vecs),
-                          threads=self.params.build_threads)
+        """Bulk insert. usearch's concurrent ``add`` can leave a node stored but unreachable by
+        any search (unum-cloud/USearch#735): measured here, a 257-row promotion stranded 1.3
+        rows per build on random vectors, a serial build none. So a bulk add up to
+        ``SERIAL_BUILD_MAX`` rows (every promotion) is serial; a larger one (a snapshot load)
+        is multi-threaded and then relinked: each row must find itself, and any that cannot is
+        removed and inserted again, serially."""
+        ann, keys, rows = self._index(), sids.astype(np.uint64), self.params.to_ann(vecs)
+        threads = self.params.build_threads
+        if len(keys) <= SERIAL_BUILD_MAX or threads == 1:
+            ann.add(keys, rows, threads=1)
+        else:
+            ann.add(keys, rows, threads=threads)
+            self.relinked += self._relink(keys, rows, threads)
         self.slots.pos[sids] = -1
         self.n += len(sids)
+
+    def _relink(self, keys: np.ndarray, rows: np.ndarray, threads: int) -> int:
+        """Insert again, one by one, the rows that a search for their own vector misses."""
+        found = self._index().search(rows, 1, threads=threads).keys
+        lost = found.reshape(len(keys), -1)[:, 0] != keys
+        if lost.any():
+            self._index().remove(keys[lost])
+            self._index().add(keys[lost], rows[lost], threads=1)
+        return int(lost.sum())
 
     def remove(self, sid: int) -> None:
         self._index().remove(sid)
