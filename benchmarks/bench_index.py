@@ -24,6 +24,10 @@ Data (``--data``, comma-separated; default ``mixture,uniform``, both printed and
 * ``real``: the MiniLM vectors cached under benchmarks/results/emb_*.npy (~60k stored, the
   intent-dataset query files as queries), for a realism check at small n.
 
+``--reachability`` also counts the stored rows that a search for their own vector misses, at the
+index's expansion_search and at 1024 (a row missed there is one no search reaches), and the rows
+the build relinked (``AnnScope.add_many``).
+
 The right answer is the exact brute-force top-1 over the stored float32 vectors (for an i8 index
 a quantisation swap between two nearly equal neighbours counts as a miss). Latency is the median
 over ``--repeat`` passes (3) of each percentile (the box is shared and noisy).
@@ -188,7 +192,7 @@ def run(n: int, *, data: str = "mixture", queries: int = 2000, text: int = 64,
         cpu: int | None = 1, snapshot: bool = False, dtype: str | None = None,
         connectivity: int | None = None, expansion_add: int | None = None,
         expansion_search: int | None = None, sweep: tuple[int, ...] = (),
-        repeat: int = 3) -> dict:
+        repeat: int = 3, reachability: bool = False) -> dict:
     ds = Data(data, n)
     n = ds.n
     t_truth = time.perf_counter()
@@ -297,8 +301,35 @@ def run(n: int, *, data: str = "mixture", queries: int = 2000, text: int = 64,
     }
     if snapshot:
         out["snapshot"] = _snapshot_figures(idx, n, load=n <= 300_000)
+    if reachability:
+        out["reachability"] = _reachability(idx, n, now)
     out["peak_rss_mb"] = peak_rss_bytes() / 1e6
     return out
+
+
+def _reachability(idx: SemanticIndex, n: int, now: float, deep: int = 1024) -> dict:
+    """Live rows that a search for their own stored vector does not find (neither the row in
+    its top 8 nor an identical vector first): at the index's expansion_search, and at ``deep``
+    (a row missed even there is one no search reaches: what usearch's concurrent add can leave,
+    USearch#735), plus the rows the build relinked. Rows evicted by the capacity test are
+    skipped."""
+    ef = idx.params.expansion_search
+    missed = {ef: 0, deep: 0}
+    live = 0
+    for e in (ef, deep):
+        idx.set_expansion_search(e)
+        live = 0
+        for i in range(n):
+            v = idx.vector(key_of(i))
+            if v is None:
+                continue
+            live += 1
+            res = idx.search(v, SCOPE, k=8, now=now)
+            found = any(en.key == key_of(i) for _, en in res) or (res and res[0][0] >= 0.9999)
+            missed[e] += not found
+    idx.set_expansion_search(ef)
+    return {"rows": live, "own_vector_missed": missed[ef], "own_vector_missed_deep": missed[deep],
+            "deep_expansion_search": deep, "relinked": idx.stats()["ann_relinked"]}
 
 
 def _snapshot_figures(idx: SemanticIndex, n: int, load: bool) -> dict:
@@ -349,6 +380,13 @@ def report(r: dict) -> str:
                  f" {sn['write_s']:.2f} s  load {sn['load_s'] or float('nan'):.1f} s"
                  f"  file {sn['file_mb']:.0f} MB"
                  f"  peak RSS {r['peak_rss_mb']:.0f} MB")
+    if "reachability" in r:
+        rc = r["reachability"]
+        line += (f"\n           of {rc['rows']} rows, not found by their own vector:"
+                 f" {rc['own_vector_missed']} at"
+                 f" expansion_search {p['expansion_search']}, {rc['own_vector_missed_deep']} at"
+                 f" {rc['deep_expansion_search']} (unreachable); relinked by the build"
+                 f" {rc['relinked']}")
     for e in r.get("ef_sweep", ()):
         s = e["search_us"]
         line += (f"\n           expansion_search {e['expansion_search']:4d}: p50 {s['p50']:6.0f} us"
@@ -378,6 +416,8 @@ def main() -> None:
     ap.add_argument("--expansion-add", type=int)
     ap.add_argument("--expansion-search", type=int)
     ap.add_argument("--sweep", default="", help="more expansion_search values, e.g. 64,128")
+    ap.add_argument("--reachability", action="store_true",
+                    help="count stored rows a search for their own vector misses (slow)")
     a = ap.parse_args()
     kinds = [k for k in a.data.split(",") if k]
     for k in kinds:
@@ -391,7 +431,8 @@ def main() -> None:
                     cpu=None if a.cpu < 0 else a.cpu, snapshot=a.snapshot, dtype=a.dtype,
                     connectivity=a.connectivity, expansion_add=a.expansion_add,
                     expansion_search=a.expansion_search,
-                    sweep=tuple(int(x) for x in a.sweep.split(",") if x), repeat=a.repeat)
+                    sweep=tuple(int(x) for x in a.sweep.split(",") if x), repeat=a.repeat,
+                    reachability=a.reachability)
             print(report(r), flush=True)
             p = r["params"]
             suffix = "".join(f"_{tag}{v}" for tag, v in (
