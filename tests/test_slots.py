@@ -73,7 +73,7 @@ def test_block_promotes_and_ann_demotes_with_same_vectors(dtype: str) -> None:
     sids = np.array([s.new(f"k{i}".encode(), "t", 0, None, 0.0, 1.0, 0) for i in range(40)])
     block.add_many(sids, vecs)
     assert block.n == 40 and block.candidates(vecs[7], 1)[0] == [int(sids[7])]
-    ann = block.promote()
+    ann, _ = block.promote()
     assert isinstance(ann, AnnScope) and ann.n == 40 and block.n == 0 and block.block is None
     assert (s.pos[sids] == -1).all()
     top, scores = ann.candidates(vecs[7], 4)

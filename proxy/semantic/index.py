@@ -120,6 +120,7 @@ class SemanticIndex:
         self.expirations = 0
         self.removals = 0
         self.promotions = 0
+        self.relinked = 0  # rows a bulk add stranded and inserted again (AnnScope.add_many)
 
     # -- public API -------------------------------------------------------------------------
 
@@ -276,8 +277,7 @@ class SemanticIndex:
             "entries": len(self),
             "scopes": len(self._scopes),
             "ann_scopes": sum(1 for s in self._scopes.values() if s.is_ann),
-            "ann_relinked": sum(s.relinked for s in self._scopes.values()
-                                if isinstance(s, AnnScope)),
+            "ann_relinked": self.relinked,
             "searches": self.searches,
             "ann_searches": self.ann_searches,
             "adds": self.adds,
@@ -479,7 +479,7 @@ class SemanticIndex:
             sc = self._scope_by_num[int(nums[part[0]])]
             if isinstance(sc, BlockScope) and sc.n + len(part) > self.brute_force_max:
                 sc = self._promote(sc)
-            sc.add_many(sids[part], vecs[part])
+            self.relinked += sc.add_many(sids[part], vecs[part])
 
     # -- internals: scopes ----------------------------------------------------------------------
 
@@ -495,7 +495,8 @@ class SemanticIndex:
         return sc
 
     def _promote(self, sc: BlockScope) -> AnnScope:
-        ann = sc.promote()
+        ann, relinked = sc.promote()
+        self.relinked += relinked
         self._replace(ann)
         self.promotions += 1
         return ann

@@ -93,8 +93,8 @@ class Scope:
         """Store the unit vector of ``sid``."""
         raise NotImplementedError
 
-    def add_many(self, sids: np.ndarray, vecs: np.ndarray) -> None:
-        """Store a batch of unit rows."""
+    def add_many(self, sids: np.ndarray, vecs: np.ndarray) -> int:
+        """Store a batch of unit rows; returns how many had to be inserted a second time."""
         raise NotImplementedError
 
     def remove(self, sid: int) -> None:
@@ -146,9 +146,10 @@ class BlockScope(Scope):
         self.slots.pos[sid] = n
         self.n = n + 1
 
-    def add_many(self, sids: np.ndarray, vecs: np.ndarray) -> None:
+    def add_many(self, sids: np.ndarray, vecs: np.ndarray) -> int:
         for sid, vec in zip(sids.tolist(), vecs, strict=True):
             self.add(sid, vec)
+        return 0
 
     def remove(self, sid: int) -> None:
         block, rows, pos = self.block, self.rows, self.slots.pos
@@ -185,14 +186,16 @@ class BlockScope(Scope):
             return 0
         return int(self.block.nbytes + self.rows.nbytes)
 
-    def promote(self) -> AnnScope:
-        """This scope's entries in a new usearch index (bulk, multi-threaded insert)."""
+    def promote(self) -> tuple[AnnScope, int]:
+        """This scope's entries in a new usearch index (see ``AnnScope.add_many``), and the
+        rows that build relinked."""
         ann = AnnScope(self.digest, self.namespace, self.num, self.params, self.slots)
+        relinked = 0
         if self.n:
             assert self.block is not None and self.rows is not None
-            ann.add_many(self.rows[: self.n], self.block[: self.n])
+            relinked = ann.add_many(self.rows[: self.n], self.block[: self.n])
         self.clear()
-        return ann
+        return ann, relinked
 
     def clear(self) -> None:
         self.block = self.rows = None
@@ -213,14 +216,13 @@ class BlockScope(Scope):
 class AnnScope(Scope):
     """One usearch HNSW index; labels are sids; candidates are rescored exactly."""
 
-    __slots__ = ("ann", "relinked")
+    __slots__ = ("ann",)
     is_ann: ClassVar[bool] = True
 
     def __init__(self, digest: bytes, namespace: str, num: int, params: ScopeParams,
                  slots: Slots) -> None:
         super().__init__(digest, namespace, num, params, slots)
         p = params
-        self.relinked = 0  # rows a bulk add stranded and inserted again (see add_many)
         self.ann: Index | None = Index(
             ndim=p.dim,
             # unit vectors: inner product = cosine, and cheaper; i8 rows carry a per-row scale
@@ -241,22 +243,23 @@ class AnnScope(Scope):
         self.slots.pos[sid] = -1
         self.n += 1
 
-    def add_many(self, sids: np.ndarray, vecs: np.ndarray) -> None:
-        """Bulk insert. usearch's concurrent ``add`` can leave a node stored but unreachable by
-        any search (unum-cloud/USearch#735): measured here, a 257-row promotion stranded 1.3
-        rows per build on random vectors, a serial build none. So a bulk add up to
-        ``SERIAL_BUILD_MAX`` rows (every promotion) is serial; a larger one (a snapshot load)
-        is multi-threaded and then relinked: each row must find itself, and any that cannot is
-        removed and inserted again, serially."""
+    def add_many(self, sids: np.ndarray, vecs: np.ndarray) -> int:
+        """Bulk insert; returns the rows relinked. usearch's concurrent ``add`` can leave a node
+        stored but unreachable by any search (unum-cloud/USearch#735): measured here, a 257-row
+        promotion stranded 1.3 rows per build on random vectors, a serial build none. So a bulk
+        add up to ``SERIAL_BUILD_MAX`` rows (every promotion) is serial; a larger one (a
+        snapshot load) is multi-threaded and then relinked: each row must find itself, and any
+        that cannot is removed and inserted again, serially."""
         ann, keys, rows = self._index(), sids.astype(np.uint64), self.params.to_ann(vecs)
-        threads = self.params.build_threads
+        threads, relinked = self.params.build_threads, 0
         if len(keys) <= SERIAL_BUILD_MAX or threads == 1:
             ann.add(keys, rows, threads=1)
         else:
             ann.add(keys, rows, threads=threads)
-            self.relinked += self._relink(keys, rows, threads)
+            relinked = self._relink(keys, rows, threads)
         self.slots.pos[sids] = -1
         self.n += len(sids)
+        return relinked
 
     def _relink(self, keys: np.ndarray, rows: np.ndarray, threads: int) -> int:
         """Insert again, one by one, the rows that a search for their own vector misses."""
