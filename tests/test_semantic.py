@@ -671,6 +671,74 @@ def test_every_row_of_a_bulk_ann_build_is_reachable(tmp_path, monkeypatch, seria
     print(f"relinked {relinked} rows in 24 builds (SERIAL_BUILD_MAX {serial_max})")
 
 
+def test_a_graph_built_off_the_loop_takes_in_what_changed_meanwhile():
+    """With ``offload`` set, a scope growing past brute_force_max stays a block (searched in
+    full) while its graph is built elsewhere; the graph then takes the rows added, removed and
+    replaced since its copy (a freed sid reused by another key included)."""
+    import threading
+
+    rng = np.random.default_rng(5)
+    idx = SemanticIndex(DIM, brute_force_max=32, dtype="i8")
+    builds = []
+    idx.offload = builds.append
+    vecs = unit(rng, 60)
+    for i in range(33):
+        idx.add(vecs[i], entry(f"k{i}"))
+    assert len(builds) == 1 and idx.stats()["promotions"] == 0
+    assert idx.stats()["ann_scopes"] == 0
+    for i in range(33, 40):  # more rows while it builds: no second build
+        idx.add(vecs[i], entry(f"k{i}"))
+    assert len(builds) == 1
+    assert keys(idx.search(vecs[38], scope_of("A"), k=1, now=T0)) == [b"k38"]
+    # meanwhile: two removed, one replaced with a new vector, whose freed sid the next key takes
+    assert idx.remove(b"k3") and idx.remove(b"k7")
+    idx.add(vecs[50], entry("k5"))
+    idx.add(vecs[51], entry("k40"))
+    t = threading.Thread(target=builds[0].run)  # the build runs on another thread
+    t.start()
+    t.join()
+    assert idx.finish_promotion(builds[0])
+    st_ = idx.stats()
+    assert st_["promotions"] == 1 and st_["ann_scopes"] == 1
+    expect = {f"k{i}": vecs[i] for i in range(40) if i not in (3, 5, 7)}
+    expect.update(k5=vecs[50], k40=vecs[51])
+    assert len(idx) == len(expect)
+    for k, v in expect.items():
+        got = idx.search(v, scope_of("A"), k=1, now=T0)
+        assert keys(got) == [k.encode()] and got[0][0] == pytest.approx(1.0, abs=2e-3)
+    for gone in (vecs[3], vecs[7], vecs[5]):  # no stale node answers for a removed row
+        got = idx.search(gone, scope_of("A"), k=1, now=T0)
+        assert got[0][0] < 0.99
+
+
+def test_a_graph_built_for_a_scope_that_went_away_is_dropped():
+    rng = np.random.default_rng(6)
+    idx = SemanticIndex(DIM, brute_force_max=16, dtype="i8")
+    builds = []
+    idx.offload = builds.append
+    vecs = unit(rng, 40)
+    for i in range(17):
+        idx.add(vecs[i], entry(f"k{i}", ns="gone"))
+    for i in range(17):  # shrinks back under brute_force_max: stays a block
+        idx.add(vecs[i], entry(f"s{i}", scope="S", ns="shrinks"))
+    for i in range(20, 40):
+        idx.add(vecs[i], entry(f"s{i}", scope="S", ns="shrinks"))
+    assert len(builds) == 2
+    assert idx.purge_namespace("gone") == 17
+    for i in list(range(17)) + list(range(20, 32)):
+        idx.remove(f"s{i}".encode())
+    for b in builds:
+        b.run()
+        assert not idx.finish_promotion(b)
+    assert idx.stats()["ann_scopes"] == 0 and idx.stats()["promotions"] == 0
+    for i in range(32, 40):
+        assert keys(idx.search(vecs[i], scope_of("S"), k=1, now=T0)) == [f"s{i}".encode()]
+    idx.add(vecs[0], entry("again", scope="S", ns="shrinks"))  # no build pending any more
+    for i in range(1, 12):
+        idx.add(vecs[i], entry(f"again{i}", scope="S", ns="shrinks"))
+    assert len(builds) == 3
+
+
 def test_full_index_evicts_the_oldest_in_a_batch():
     # capacity // EVICT_BATCH_DIVISOR oldest entries go at once (usearch unlinks removed nodes in
     # one pass over the graph on the next add: one pass per batch, not per add)

@@ -122,6 +122,33 @@ async def test_smaller_tier_answer_not_served_to_larger_route() -> None:
         await sem.close()
 
 
+async def test_a_growing_scope_gets_its_graph_from_the_build_thread() -> None:
+    """Past brute_force_max the scope's usearch graph is built in the index-build thread, not
+    in ``add`` on the loop; meanwhile the block serves, then the graph holds every entry."""
+    exact = ExactCache(CacheConfig(), Metrics())
+    sem = SemanticCache(SemanticConfig(brute_force_max=8), Metrics(), exact, ["small"])
+    await sem.start()
+    try:
+        texts = [f"How do I configure feature number {i} of the {w} service?"
+                 for i, w in enumerate(["billing", "search", "mail", "chat", "maps", "drive",
+                                        "photos", "music", "video", "news", "books", "shop"])]
+        keys = [request_keys("ns", "chat", "m", {"model": "m", "messages": ask(t)})
+                for t in texts]
+        vecs = [await sem.embed(t) for t in texts]
+        for k, v in zip(keys, vecs, strict=True):
+            sem.add(v, k, "ns", "small")
+        assert sem.index.stats()["promotions"] == 0  # the build has not come back yet
+        for _ in range(500):
+            if sem.index.stats()["ann_scopes"]:
+                break
+            await asyncio.sleep(0.01)
+        assert sem.index.stats()["promotions"] == 1 and len(sem.index) == 12
+        for k, v in zip(keys, vecs, strict=True):
+            assert sem.index.search(v, k.scope, k=1)[0][1].key == k.exact
+    finally:
+        await sem.close()
+
+
 def test_onnxruntime_and_usearch_load_together() -> None:
     # importing usearch before onnxruntime segfaults; proxy.semantic must fix the order itself
     code = "import proxy.semantic; import proxy.semantic.embedder; import onnxruntime; print('ok')"

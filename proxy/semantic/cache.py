@@ -32,8 +32,9 @@ from proxy.exact import ExactCache
 from proxy.keys import RequestKeys
 from proxy.metrics import Metrics
 from proxy.semantic.budget import BudgetController
-from proxy.semantic.embedder import EWMA_ALPHA, Embedder
+from proxy.semantic.embedder import EWMA_ALPHA, Embedder, lower_thread_priority
 from proxy.semantic.index import DEFAULT_DTYPE, SemanticEntry, SemanticIndex
+from proxy.semantic.scope import PendingBuild
 from proxy.semantic.snapshot import SnapshotError, write_snapshot
 from proxy.semantic.verifier import Verifier
 from proxy.shared import SharedIndex
@@ -104,6 +105,10 @@ class SemanticCache:
                                            default_budget=cfg.max_error_rate)
         self.ns_budgets = namespace_error_rates(cfg)
         self._pair_pool = ThreadPoolExecutor(1, thread_name_prefix="pair-verifier")
+        # a scope's graph is built here when it grows past brute_force_max (SemanticIndex.offload)
+        self._build_pool = ThreadPoolExecutor(
+            1, thread_name_prefix="index-build", initializer=lower_thread_priority,
+            initargs=(cfg.embed_priority, cfg.embed_nice))
         # verifications queued or running in that thread, and the moving average of one (s):
         # a lookup whose verification would start after verify_deadline_s is shed, as an
         # embedding is, and the queue never holds more than VERIFY_MAX_PENDING
@@ -135,6 +140,7 @@ class SemanticCache:
                 log.info("semantic index: %d entries from %s", len(self.index), path)
             except (SnapshotError, OSError, ValueError) as exc:
                 log.error("semantic snapshot %s ignored: %s", path, exc)
+        self.index.offload = self._offload_build
         if self.shared is not None:
             await self.shared.start()
         if path and self.cfg.snapshot_interval_s > 0:
@@ -167,11 +173,30 @@ class SemanticCache:
             await self.shared.close()
         await self.embedder.close()
         self._pair_pool.shutdown(wait=False, cancel_futures=True)
+        self._build_pool.shutdown(wait=False, cancel_futures=True)
         if self.cfg.snapshot_path:
             try:
                 self.snapshot()
             except OSError as exc:
                 log.error("semantic snapshot failed: %s", exc)
+
+    def _offload_build(self, build: PendingBuild) -> None:
+        """Build a growing scope's usearch graph in the index-build thread, then adopt it on
+        the loop (``SemanticIndex.offload``): 257 rows take ~10 ms, which the loop spent
+        before, stalling every request in flight."""
+        index = self.index
+
+        def done(fut: asyncio.Future[PendingBuild]) -> None:
+            if fut.cancelled() or fut.exception() is not None:
+                build.scope.building = False  # the next add tries again
+                if not fut.cancelled():
+                    log.error("semantic index: building a scope's graph failed: %r",
+                              fut.exception())
+                return
+            index.finish_promotion(fut.result())
+
+        loop = asyncio.get_running_loop()
+        loop.run_in_executor(self._build_pool, build.run).add_done_callback(done)
 
     def snapshot(self) -> None:
         """Write the index to the configured snapshot file (blocking; shutdown)."""

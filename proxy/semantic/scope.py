@@ -74,6 +74,41 @@ class ScopeParams:
         return _ANN_NODE_OVERHEAD + 8 * (self.connectivity - DEFAULT_CONNECTIVITY)
 
 
+def new_graph(p: ScopeParams) -> Index:
+    """An empty usearch HNSW index with the scope parameters."""
+    return Index(
+        ndim=p.dim,
+        # unit vectors: inner product = cosine, and cheaper; i8 rows carry a per-row scale
+        # (see quantize_i8), which only the cosine metric ignores
+        metric="cos" if p.dtype == "i8" else "ip",
+        dtype=p.dtype,
+        connectivity=p.connectivity,
+        expansion_add=p.expansion_add,
+        expansion_search=p.expansion_search,
+    )
+
+
+class PendingBuild:
+    """A block scope's graph being built off the index's thread (``BlockScope.start_build``).
+
+    ``run`` may run on any thread: it reads only its own copies. usearch gives the GIL back
+    between rows, so the event loop keeps running while a build takes its ~10 ms."""
+
+    __slots__ = ("graph", "scope", "seqs", "sids", "vecs")
+
+    def __init__(self, scope: BlockScope, sids: np.ndarray, seqs: np.ndarray,
+                 vecs: np.ndarray) -> None:
+        self.scope, self.sids, self.seqs, self.vecs = scope, sids, seqs, vecs
+        self.graph: Index | None = None
+
+    def run(self) -> PendingBuild:
+        graph = new_graph(self.scope.params)
+        # serial: a concurrent add can strand nodes (see AnnScope.add_many)
+        graph.add(self.sids.astype(np.uint64), self.scope.params.to_ann(self.vecs), threads=1)
+        self.graph, self.vecs = graph, self.vecs[:0]
+        return self
+
+
 class Scope:
     """A partition: identity (digest, namespace, number) and its ``n`` vectors' storage."""
 
@@ -128,13 +163,15 @@ class Scope:
 class BlockScope(Scope):
     """Brute force over one dense float block; ``rows`` maps a block row to its sid."""
 
-    __slots__ = ("block", "rows")
+    __slots__ = ("block", "building", "rows")
 
     def __init__(self, digest: bytes, namespace: str, num: int, params: ScopeParams,
                  slots: Slots) -> None:
         super().__init__(digest, namespace, num, params, slots)
         self.block: np.ndarray | None = None
         self.rows: np.ndarray | None = None
+        #: its graph is being built elsewhere (``start_build``): it stays a block until then
+        self.building = False
 
     def add(self, sid: int, vec: np.ndarray) -> None:
         n = self.n
@@ -197,6 +234,16 @@ class BlockScope(Scope):
         self.clear()
         return ann, relinked
 
+    def start_build(self) -> PendingBuild:
+        """A copy of this scope's rows and a function that builds their graph on any thread
+        (it touches nothing shared); ``AnnScope.adopt`` turns the result into this scope's
+        ANN scope later, on the index's thread, with what changed meanwhile."""
+        assert self.block is not None and self.rows is not None
+        sids = self.rows[: self.n].copy()
+        build = PendingBuild(self, sids, self.slots.seq[sids].copy(), self.block[: self.n].copy())
+        self.building = True
+        return build
+
     def clear(self) -> None:
         self.block = self.rows = None
         self.n = 0
@@ -222,17 +269,38 @@ class AnnScope(Scope):
     def __init__(self, digest: bytes, namespace: str, num: int, params: ScopeParams,
                  slots: Slots) -> None:
         super().__init__(digest, namespace, num, params, slots)
-        p = params
-        self.ann: Index | None = Index(
-            ndim=p.dim,
-            # unit vectors: inner product = cosine, and cheaper; i8 rows carry a per-row scale
-            # (see quantize_i8), which only the cosine metric ignores
-            metric="cos" if p.dtype == "i8" else "ip",
-            dtype=p.dtype,
-            connectivity=p.connectivity,
-            expansion_add=p.expansion_add,
-            expansion_search=p.expansion_search,
-        )
+        self.ann: Index | None = new_graph(params)
+
+    @classmethod
+    def adopt(cls, built: PendingBuild) -> AnnScope:
+        """The ANN scope of ``built.scope`` from the graph built off the index's thread, with
+        the changes made meanwhile: rows removed or replaced since the copy leave the graph,
+        rows added since go in (serially). The block's live rows are the truth."""
+        block, ann = built.scope, built.graph
+        assert ann is not None and block.rows is not None and block.block is not None
+        live = block.rows[: block.n]
+        same = np.isin(live, built.sids)
+        # a sid in both may have been freed and reused: its sequence number tells
+        seq_of = dict(zip(built.sids.tolist(), built.seqs.tolist(), strict=True))
+        seqs = block.slots.seq[live]
+        for i in np.flatnonzero(same).tolist():
+            same[i] = seq_of[int(live[i])] == int(seqs[i])
+        kept = set(live[same].tolist())
+        gone = np.fromiter((s for s in built.sids.tolist() if s not in kept), np.uint64)
+        if len(gone):
+            ann.remove(gone)
+        new = np.flatnonzero(~same)
+        if len(new):
+            ann.add(live[new].astype(np.uint64), block.params.to_ann(block.block[new]),
+                    threads=1)
+        sc = cls.__new__(cls)
+        Scope.__init__(sc, block.digest, block.namespace, block.num, block.params, block.slots)
+        sc.ann = ann
+        ann.expansion_search = block.params.expansion_search  # type: ignore[misc]
+        sc.slots.pos[live] = -1
+        sc.n = block.n
+        block.clear()
+        return sc
 
     def _index(self) -> Index:
         assert self.ann is not None
