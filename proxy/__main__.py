@@ -7,7 +7,11 @@ File, environment and flags become one Config; ``serve`` then runs ``Server(conf
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import sys
+from collections.abc import Mapping
+from pathlib import Path
 
 from proxy import __version__
 from proxy.config import Config, ConfigError, load_config
@@ -37,6 +41,26 @@ def _config_from(args: argparse.Namespace) -> Config:
         },
         tier_flags=args.tier,
     )
+
+
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def huge_pages_env(env: Mapping[str, str], thp_mode: Path = THP_MODE) -> dict[str, str] | None:
+    """The environment to start ``serve`` again with so that glibc's malloc asks for
+    transparent huge pages (``server.huge_pages``), or None: already asked, not glibc, or the
+    kernel's huge pages are off ("[never]") or unknown."""
+    tunables = env.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb" in tunables or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        mode = thp_mode.read_text()
+    except OSError:
+        return None
+    if "[never]" in mode:
+        return None
+    return {**env, "GLIBC_TUNABLES": ":".join(t for t in (tunables, HUGE_PAGES_TUNABLE) if t)}
 
 
 def _models(action: str, out: str | None) -> int:
@@ -111,6 +135,12 @@ def main(argv: list[str] | None = None) -> int:
 
         print(effective_toml(config), end="")
         return 0
+    # the console script or `python -m proxy` (not main(argv) called in-process): start again
+    # with huge pages asked for, before anything is loaded; exec keeps the pid
+    if argv is None and config.server.huge_pages:
+        env = huge_pages_env(os.environ)
+        if env is not None:
+            os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
     from proxy import logs
 
     logs.setup(config.server.log_level)

@@ -191,3 +191,45 @@ async def test_sighup_reloads_prices_thresholds_log_level_and_refuses_the_rest(
     assert len(chat) == 4 and all(a["status"] == 200 for a in chat)
     assert "rid-ops-test-42" in {a["request_id"] for a in chat}
     assert not any("sk-never-logged" in line for line in out.lines)
+
+
+def test_huge_pages_env(tmp_path: Path) -> None:
+    from proxy.__main__ import HUGE_PAGES_TUNABLE, huge_pages_env
+
+    thp = tmp_path / "enabled"
+    thp.write_text("always [madvise] never\n")
+    assert huge_pages_env({"A": "1"}, thp) == {"A": "1", "GLIBC_TUNABLES": HUGE_PAGES_TUNABLE}
+    # other tunables are kept; one already asking for it (either value) is left alone
+    got = huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, thp)
+    assert got == {"GLIBC_TUNABLES": f"glibc.malloc.arena_max=2:{HUGE_PAGES_TUNABLE}"}
+    assert huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, thp) is None
+    thp.write_text("always madvise [never]\n")
+    assert huge_pages_env({}, thp) is None
+    assert huge_pages_env({}, tmp_path / "missing") is None
+
+
+@pytest.mark.parametrize("wanted", [True, False])
+async def test_serve_starts_again_with_huge_pages(tiers: Any, wanted: bool) -> None:
+    """``server.huge_pages``: the same process (exec keeps the pid) runs with glibc asking for
+    transparent huge pages, and its heap has some; off, the environment is left alone."""
+    from proxy.__main__ import huge_pages_env
+
+    port = free_port()
+    proc = run_cli("serve", "--tier", f"small={tiers['small'].url}", "--port", str(port),
+                   env={"EDGE_PROXY_SERVER__HUGE_PAGES": str(wanted).lower(),
+                        "GLIBC_TUNABLES": ""})
+    out = Output(proc)
+    try:
+        await wait_http(f"http://127.0.0.1:{port}/readyz", proc)
+        environ = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
+        tunables = [e for e in environ if e.startswith(b"GLIBC_TUNABLES=")]
+        if wanted and huge_pages_env({}) is not None:  # glibc, huge pages not off
+            assert tunables == [b"GLIBC_TUNABLES=glibc.malloc.hugetlb=1"], out.lines
+            rollup = Path(f"/proc/{proc.pid}/smaps_rollup").read_text()
+            huge = [int(x.split()[1]) for x in rollup.splitlines() if x.startswith("AnonHuge")]
+            assert huge and huge[0] > 0, rollup
+        else:
+            assert tunables == [b"GLIBC_TUNABLES="]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
