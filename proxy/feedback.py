@@ -44,7 +44,10 @@ class ServedLedger:
     def __init__(self, max_entries: int = 50_000, max_age_s: float = 3600.0) -> None:
         self.max_entries = max_entries
         self.max_age_s = max_age_s
-        self._d: OrderedDict[tuple[str, str], ServedRecord] = OrderedDict()
+        # plain tuples in ServedRecord's field order: the cyclic GC stops tracking a tuple of
+        # atomic values after the first pass it survives, and it never stops tracking a
+        # NamedTuple's instance; up to max_entries of them, every full pass walked them all
+        self._d: OrderedDict[tuple[str, str], tuple[Any, ...]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._d)
@@ -63,7 +66,7 @@ class ServedLedger:
         k = (namespace, rid)
         if k in d:  # a client's own x-request-id, again: it moves to the newest end
             del d[k]
-        d[k] = ServedRecord(namespace, key, outcome, p, v, time.monotonic())
+        d[k] = (namespace, key, outcome, p, v, time.monotonic())
         while len(d) > self.max_entries:
             d.popitem(last=False)
 
@@ -74,10 +77,10 @@ class ServedLedger:
         rec = self._d.get(k)
         if rec is None:
             return None
-        if time.monotonic() - rec.at > self.max_age_s:
+        if time.monotonic() - rec[5] > self.max_age_s:
             del self._d[k]
             return None
-        return rec
+        return ServedRecord._make(rec)
 
     def pop(self, rid: str, namespace: str) -> ServedRecord | None:
         rec = self.get(rid, namespace)
@@ -88,7 +91,7 @@ class ServedLedger:
     def memory_bytes(self) -> int:
         """Rough bytes held (record + namespace + id + vector)."""
         return sum(
-            200 + len(ns) + len(rid) + (0 if r.vec is None else r.vec.nbytes)
+            200 + len(ns) + len(rid) + (0 if r[4] is None else r[4].nbytes)
             for (ns, rid), r in self._d.items()
         )
 

@@ -416,3 +416,29 @@ def test_budget_evidence_of_an_active_namespace_survives_a_flood() -> None:
     assert ctl.cut("key:victim") == raised and len(ctl._ns) == 100
     snap = ctl.snapshot(10)
     assert len(snap) == 10 and next(iter(snap)) == "key:victim"  # newest first
+
+
+def test_served_ledger_records_leave_the_cyclic_gcs_sight() -> None:
+    """Up to 50,000 records live an hour: stored as plain tuples of atomic values, the GC stops
+    tracking each after the first pass it survives (a NamedTuple it tracks for ever), so full
+    passes do not walk them. What ``get`` returns is still a ServedRecord."""
+    import gc
+    import time
+
+    import numpy as np
+
+    from proxy.feedback import ServedLedger, ServedRecord
+
+    led = ServedLedger(max_entries=3, max_age_s=60)
+    for i in range(4):
+        led.record(f"r{i}", "ns", b"k%d" % i, "miss")
+    led.record("s", "ns", b"ks", "hit-semantic", 0.97, np.ones(4, np.float32))
+    gc.collect()
+    assert len(led) == 3 and not any(gc.is_tracked(r) for r in led._d.values())
+    assert led.get("r0", "ns") is None and led.get("r3", "other") is None  # evicted; not theirs
+    rec = led.get("s", "ns")
+    assert isinstance(rec, ServedRecord) and rec.outcome == "hit-semantic" and rec.p == 0.97
+    assert rec.vec is not None and rec.vec.dtype == np.float16 and rec.at <= time.monotonic()
+    popped = led.pop("r3", "ns")
+    assert popped is not None and popped[:5] == ("ns", b"k3", "miss", 1.0, None)
+    assert led.get("r3", "ns") is None and len(led) == 2
