@@ -402,3 +402,16 @@ def test_feature_memos_are_per_scope_and_bounded() -> None:
     f.question_form(long, b"scope-a")
     assert f.extract.memo.cache_info().currsize == 2
     assert f.question_form.memo.cache_info().currsize == 2
+
+
+def test_empty_feature_sets_are_one_shared_object() -> None:
+    """Each memoised text's empty sets are the one ``_EMPTY``: a frozenset is an object the
+    cyclic GC walks as long as the memo keeps it, six per typical question before."""
+    from proxy.semantic.features import _EMPTY, _extract
+
+    f = _extract("How do I reset my password?")
+    assert all(getattr(f, k) is _EMPTY
+               for k in ("units", "entities", "quoted", "code", "poles", "ordered"))
+    g = _extract('Is "dark mode" on in New York at 5 km?')
+    assert g.entities and g.quoted and g.poles and g.units
+    assert not any(getattr(g, k) is _EMPTY for k in ("units", "entities", "quoted", "poles"))

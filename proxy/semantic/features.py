@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
-from typing import Final, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 __all__ = ["OPPOSITES", "TextFeatures", "extract", "load_pairs", "load_words", "stem"]
 
@@ -177,6 +177,12 @@ _SENT_PUNCT_RE: Final = re.compile(r"[.!?:;\n]")
 _DIGIT_RE: Final = re.compile(r"\d")
 _QUOTE_CHARS_RE: Final = re.compile(r"[\"\u201c`\u2018]|(?<![\w'])'")
 _OP_RE: Final = re.compile(r"(?<=[\d)\s])([+\-*/^\u00d7\u00f7=<>])(?=[\s(]*[\d.])")
+
+
+#: The one empty frozenset of every TextFeatures: most of a text's sets are empty, and each
+#: frozenset is an object the cyclic GC walks for as long as the memo keeps it (six per
+#: typical question, up to 8,192 memoised texts).
+_EMPTY: Final[frozenset[Any]] = frozenset()
 
 
 @dataclass(slots=True, frozen=True)
@@ -413,19 +419,19 @@ def _extract(text: str) -> TextFeatures:
     entities.update(bigrams & _GAZ_BIGRAMS)
     return TextFeatures(
         numbers=tuple(sorted(numbers)),
-        units=frozenset(units),
+        units=frozenset(units) if units else _EMPTY,
         operators=tuple(sorted(_operators(rest, plain) if numbers else ())),
         negated=_negated(text, joined),
-        entities=frozenset(entities),
-        quoted=quoted,
-        code=frozenset(code),
+        entities=frozenset(entities) if entities else _EMPTY,
+        quoted=quoted or _EMPTY,
+        code=frozenset(code) if code else _EMPTY,
         tokens=tuple(words),
         surface=_surface(plain, words, bigrams, code),
         content=frozenset(w for w in words
                           if w not in _FUNCTION_WORDS and w not in _NEGATIONS and w.isalnum()),
-        poles=_poles(plain),
+        poles=_poles(plain) or _EMPTY,
         joined=joined,
-        ordered=_ordered_triples(words) if len(words) <= _ORDER_MAX_TOKENS else frozenset(),
+        ordered=(_ordered_triples(words) if len(words) <= _ORDER_MAX_TOKENS else _EMPTY) or _EMPTY,
     )
 
 
