@@ -65,8 +65,6 @@ def huge_pages_env(env: Mapping[str, str], thp_mode: Path = THP_MODE) -> dict[st
 
 def _models(action: str, out: str | None) -> int:
     """``models``: print the model path and its state; ``models build``: build and pin-check."""
-    from pathlib import Path
-
     from proxy.semantic import model
 
     if action == "build":

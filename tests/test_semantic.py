@@ -671,17 +671,22 @@ def test_every_row_of_a_bulk_ann_build_is_reachable(tmp_path, monkeypatch, seria
     print(f"relinked {relinked} rows in 24 builds (SERIAL_BUILD_MAX {serial_max})")
 
 
+def offloading_index(seed: int, brute_force_max: int, n: int):
+    """An i8 index whose promotions are handed to a list (``offload``) instead of built, and
+    ``n`` random unit vectors."""
+    idx = SemanticIndex(DIM, brute_force_max=brute_force_max, dtype="i8")
+    builds: list = []
+    idx.offload = builds.append
+    return idx, builds, unit(np.random.default_rng(seed), n)
+
+
 def test_a_graph_built_off_the_loop_takes_in_what_changed_meanwhile():
     """With ``offload`` set, a scope growing past brute_force_max stays a block (searched in
     full) while its graph is built elsewhere; the graph then takes the rows added, removed and
     replaced since its copy (a freed sid reused by another key included)."""
     import threading
 
-    rng = np.random.default_rng(5)
-    idx = SemanticIndex(DIM, brute_force_max=32, dtype="i8")
-    builds = []
-    idx.offload = builds.append
-    vecs = unit(rng, 60)
+    idx, builds, vecs = offloading_index(5, brute_force_max=32, n=60)
     for i in range(33):
         idx.add(vecs[i], entry(f"k{i}"))
     assert len(builds) == 1 and idx.stats()["promotions"] == 0
@@ -712,11 +717,7 @@ def test_a_graph_built_off_the_loop_takes_in_what_changed_meanwhile():
 
 
 def test_a_graph_built_for_a_scope_that_went_away_is_dropped():
-    rng = np.random.default_rng(6)
-    idx = SemanticIndex(DIM, brute_force_max=16, dtype="i8")
-    builds = []
-    idx.offload = builds.append
-    vecs = unit(rng, 40)
+    idx, builds, vecs = offloading_index(6, brute_force_max=16, n=40)
     for i in range(17):
         idx.add(vecs[i], entry(f"k{i}", ns="gone"))
     for i in range(17):  # shrinks back under brute_force_max: stays a block

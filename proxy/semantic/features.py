@@ -431,7 +431,7 @@ def _extract(text: str) -> TextFeatures:
                           if w not in _FUNCTION_WORDS and w not in _NEGATIONS and w.isalnum()),
         poles=_poles(plain) or _EMPTY,
         joined=joined,
-        ordered=(_ordered_triples(words) if len(words) <= _ORDER_MAX_TOKENS else _EMPTY) or _EMPTY,
+        ordered=(len(words) <= _ORDER_MAX_TOKENS and _ordered_triples(words)) or _EMPTY,
     )
 
 

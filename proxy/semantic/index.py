@@ -171,9 +171,8 @@ class SemanticIndex:
         or has shrunk back to ``brute_force_max`` meanwhile."""
         sc = built.scope
         sc.building = False
-        if self._scope_by_num.get(sc.num) is not sc or built.graph is None:
-            return False
-        if sc.n <= self.brute_force_max:
+        gone = self._scope_by_num.get(sc.num) is not sc
+        if gone or built.graph is None or sc.n <= self.brute_force_max:
             return False
         self._replace(AnnScope.adopt(built))
         self.promotions += 1
